@@ -1,0 +1,1 @@
+"""Everything with time and I/O: tasks, simulator, DHT, gRPC, rounds and the CLI."""

@@ -1,0 +1,1 @@
+"""The wire: protobuf messages, framing, integrity and signatures. No training logic."""
