@@ -1,0 +1,303 @@
+"""In-process swarm simulator: N virtual peers, one process, the real strategy objects, exact bytes.
+
+Each virtual peer owns a model replica, a disjoint data shard, an inner optimizer and an
+:class:`~lioncub.optim.strategies.OuterState`. A round runs the same steps as the network runtime
+(local steps → prepare → encode per shard → owners reduce → everyone decodes and applies), with the
+shard plan of a reduce-scatter + all-gather, so the byte counts are exactly the payload bytes each
+peer would send and receive on the wire (framing excluded).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from lioncub.optim import Lion
+from lioncub.optim.codecs import get_codec
+from lioncub.optim.partition import shard_bounds
+from lioncub.optim.schedules import SyncSchedule, consensus_distance
+from lioncub.optim.strategies import OuterState, StrategyConfig, SyncStrategy, make_strategy, weighted_mean
+
+from .tasks import Task, get_task
+
+__all__ = ["RoundRecord", "SimConfig", "SimResult", "simulate"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated run.
+
+    Attributes:
+        peers: number of virtual peers.
+        rounds: number of sync rounds (for ``allreduce`` a round is one step).
+        task: task name from the registry; ``task_overrides`` are passed to it.
+        strategy: the sync strategy and its outer hyperparameters.
+        inner: ``"lion"`` or ``"adamw"``; unused when ``strategy.local_steps == 0``.
+        inner_lr, inner_weight_decay: the inner optimizer's settings.
+        batch_size: samples per inner step per peer.
+        group_size: members per round's group; 0 or ≥ peers means everyone (no gossip).
+        momentum_sync, averaging: extra float syncs of outer momentum / anchors.
+        eval_every: evaluate validation loss every this many rounds (and at the end).
+        eval_batches: validation batches per evaluation.
+        seed: everything is deterministic given it.
+    """
+
+    peers: int = 4
+    rounds: int = 20
+    task: str = "tiny"
+    task_overrides: dict[str, Any] = field(default_factory=dict)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    inner: str = "lion"
+    inner_lr: float = 1e-3
+    inner_weight_decay: float = 0.0
+    batch_size: int = 32
+    group_size: int = 0
+    momentum_sync: SyncSchedule = field(default_factory=SyncSchedule)
+    averaging: SyncSchedule = field(default_factory=SyncSchedule)
+    eval_every: int = 5
+    eval_batches: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.peers < 1:
+            raise ValueError(f"peers must be >= 1, got {self.peers}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.inner not in ("lion", "adamw"):
+            raise ValueError(f"inner optimizer must be 'lion' or 'adamw', got {self.inner!r}")
+        if not self.inner_lr > 0:
+            raise ValueError(f"inner_lr must be > 0, got {self.inner_lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.group_size < 0 or self.group_size == 1:
+            raise ValueError(f"group_size must be 0 (everyone) or >= 2, got {self.group_size}")
+        if self.eval_every < 1 or self.eval_batches < 1:
+            raise ValueError("eval_every and eval_batches must be >= 1")
+
+    @property
+    def samples_per_round(self) -> int:
+        """Samples one peer processes per round."""
+        return self.batch_size * max(1, self.strategy.local_steps)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What one round did (validation loss only on evaluation rounds)."""
+
+    round: int
+    samples: int
+    train_loss: float
+    val_loss: float | None
+    bytes_sent_per_peer: float
+    bytes_received_per_peer: float
+    consensus_distance: float
+    elapsed_s: float
+    momentum_synced: bool = False
+    averaged: bool = False
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    records: list[RoundRecord]
+    num_params: int
+    initial_val_loss: float
+
+    @property
+    def final_val_loss(self) -> float:
+        vals = [r.val_loss for r in self.records if r.val_loss is not None]
+        return vals[-1] if vals else self.initial_val_loss
+
+    def to_json(self) -> dict[str, Any]:
+        last = self.records[-1]
+        return {
+            "config": asdict(self.config),
+            "num_params": self.num_params,
+            "initial_val_loss": self.initial_val_loss,
+            "final_val_loss": self.final_val_loss,
+            "samples": last.samples,
+            "bytes_sent_per_peer": last.bytes_sent_per_peer,
+            "bytes_received_per_peer": last.bytes_received_per_peer,
+            "records": [asdict(r) for r in self.records],
+        }
+
+
+@dataclass
+class _Peer:
+    index: int
+    model: nn.Module
+    params: list[nn.Parameter]
+    inner: torch.optim.Optimizer | None
+    state: OuterState
+    data: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    last_loss: float = float("nan")
+
+
+def _make_inner(cfg: SimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
+    if cfg.strategy.local_steps == 0:
+        return None
+    if cfg.inner == "lion":
+        return Lion(params, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay)
+
+
+def _local_work(peer: _Peer, task: Task, cfg: SimConfig) -> torch.Tensor:
+    """Run the peer's local steps; return Δ (anchor − params, or the gradient when H == 0)."""
+    steps = cfg.strategy.local_steps
+    peer.model.train()
+    if steps == 0:
+        peer.model.zero_grad(set_to_none=True)
+        loss = task.loss(peer.model, next(peer.data))
+        loss.backward()
+        peer.last_loss = float(loss.detach())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in peer.params]
+        return torch.cat([g.reshape(-1) for g in grads]).to(torch.float32)
+    assert peer.inner is not None
+    total = 0.0
+    for _ in range(steps):
+        peer.inner.zero_grad(set_to_none=True)
+        loss = task.loss(peer.model, next(peer.data))
+        loss.backward()
+        peer.inner.step()
+        total += float(loss.detach())
+    peer.last_loss = total / steps
+    return peer.state.anchor - parameters_to_vector(peer.params).detach().to(torch.float32)
+
+
+def _groups(n: int, group_size: int, seed: int, rnd: int) -> list[list[int]]:
+    if group_size == 0 or group_size >= n:
+        return [list(range(n))]
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + rnd).shuffle(order)
+    groups = [order[i : i + group_size] for i in range(0, n, group_size)]
+    if len(groups) > 1 and len(groups[-1]) < 2:
+        groups[-2].extend(groups.pop())
+    return groups
+
+
+def _exchange(
+    strategy: SyncStrategy, members: list[_Peer], vecs: list[torch.Tensor], weights: list[int]
+) -> torch.Tensor:
+    """Reduce-scatter + all-gather of ``vecs`` among ``members``; returns the agreed update."""
+    n = len(members)
+    numel = vecs[0].numel()
+    bounds = shard_bounds(numel, [1.0] * n)
+    update = torch.empty(numel, dtype=torch.float32, device=vecs[0].device)
+    for owner, (lo, hi) in enumerate(bounds):
+        parts = [strategy.encode(v[lo:hi]) for v in vecs]
+        result = strategy.reduce(parts, weights)
+        update[lo:hi] = strategy.decode(result)
+        for m, peer in enumerate(members):
+            if m == owner:
+                peer.bytes_received += sum(p.nbytes for j, p in enumerate(parts) if j != owner)
+                peer.bytes_sent += (n - 1) * result.nbytes
+            else:
+                peer.bytes_sent += parts[m].nbytes
+                peer.bytes_received += result.nbytes
+    return update
+
+
+def _float_sync(members: list[_Peer], vecs: list[torch.Tensor], codec_name: str) -> torch.Tensor:
+    """Weighted-mean all-reduce of float vectors (momentum sync, anchor averaging)."""
+    codec = get_codec(codec_name)
+    n = len(members)
+    numel = vecs[0].numel()
+    out = torch.empty(numel, dtype=torch.float32, device=vecs[0].device)
+    for owner, (lo, hi) in enumerate(shard_bounds(numel, [1.0] * n)):
+        parts = [codec.encode(v[lo:hi]) for v in vecs]
+        result = codec.encode(weighted_mean(codec, parts, None))
+        out[lo:hi] = codec.decode(result, torch.float32)
+        for m, peer in enumerate(members):
+            if m == owner:
+                peer.bytes_received += sum(p.nbytes for j, p in enumerate(parts) if j != owner)
+                peer.bytes_sent += (n - 1) * result.nbytes
+            else:
+                peer.bytes_sent += parts[m].nbytes
+                peer.bytes_received += result.nbytes
+    return out
+
+
+def _evaluate(task: Task, model: nn.Module, anchor: torch.Tensor, batches: int) -> float:
+    probe = copy.deepcopy(model)
+    vector_to_parameters(anchor.to(next(probe.parameters()).dtype), probe.parameters())
+    return float(task.evaluate(probe, max_batches=batches))
+
+
+def simulate(
+    cfg: SimConfig,
+    *,
+    device: torch.device | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> SimResult:
+    """Run ``cfg`` to completion and return every round's record."""
+    dev = device or torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    task = get_task(cfg.task, **cfg.task_overrides)
+    strategy = make_strategy(cfg.strategy)
+    template = task.make_model(cfg.seed).to(dev)
+    peers: list[_Peer] = []
+    for i in range(cfg.peers):
+        model = copy.deepcopy(template)
+        params = [p for p in model.parameters() if p.requires_grad]
+        state = OuterState.create(parameters_to_vector(params))
+        data = task.batches(i, cfg.peers, cfg.batch_size, cfg.seed)
+        peers.append(_Peer(i, model, params, _make_inner(cfg, params), state, data))
+    num_params = peers[0].state.anchor.numel()
+    initial = _evaluate(task, peers[0].model, peers[0].state.anchor, cfg.eval_batches)
+    log.info("simulating %d peers, %s, %d params, initial val loss %.4f", cfg.peers, strategy.name, num_params, initial)
+    records: list[RoundRecord] = []
+    start = time.perf_counter()
+    weight = cfg.samples_per_round
+    for rnd in range(1, cfg.rounds + 1):
+        deltas = [_local_work(p, task, cfg) for p in peers]
+        for group in _groups(cfg.peers, cfg.group_size, cfg.seed, rnd):
+            members = [peers[i] for i in group]
+            vecs = [strategy.prepare(peers[i].state, deltas[i]) for i in group]
+            update = _exchange(strategy, members, vecs, [weight] * len(group))
+            for i in group:
+                strategy.apply(peers[i].state, update, deltas[i])
+        synced = cfg.momentum_sync.is_due(rnd)
+        averaged = cfg.averaging.is_due(rnd)
+        for group in _groups(cfg.peers, cfg.group_size, cfg.seed, rnd) if synced or averaged else []:
+            members = [peers[i] for i in group]
+            if synced:
+                mean_m = _float_sync(members, [p.state.momentum for p in members], cfg.momentum_sync.codec)
+                for p in members:
+                    p.state.momentum.copy_(mean_m)
+            if averaged:
+                mean_a = _float_sync(members, [p.state.anchor for p in members], cfg.averaging.codec)
+                for p in members:
+                    p.state.anchor.copy_(mean_a)
+        for p in peers:
+            vector_to_parameters(p.state.anchor.to(p.params[0].dtype), p.params)
+        evaluate = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
+        val = _evaluate(task, peers[0].model, peers[0].state.anchor, cfg.eval_batches) if evaluate else None
+        rec = RoundRecord(
+            round=rnd,
+            samples=rnd * weight * cfg.peers,
+            train_loss=sum(p.last_loss for p in peers) / len(peers),
+            val_loss=val,
+            bytes_sent_per_peer=sum(p.bytes_sent for p in peers) / len(peers),
+            bytes_received_per_peer=sum(p.bytes_received for p in peers) / len(peers),
+            consensus_distance=consensus_distance([p.state.anchor for p in peers]),
+            elapsed_s=time.perf_counter() - start,
+            momentum_synced=synced,
+            averaged=averaged,
+        )
+        records.append(rec)
+        if on_round is not None:
+            on_round(rec)
+    return SimResult(cfg, records, num_params, initial)
