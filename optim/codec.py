@@ -87,15 +87,20 @@ class Codec(ABC):
         """
 
     def check(self, enc: Encoded) -> None:
-        """Validate that ``enc`` could have been produced by this codec (id and exact size)."""
+        """Validate that ``enc`` could have been produced by this codec (id and size)."""
         if enc.codec != self.name:
             raise CodecError(f"payload was encoded with codec {enc.codec!r}, expected {self.name!r}")
         if enc.numel < 0:
             raise CodecError(f"element count must be >= 0, got {enc.numel}")
         if enc.data.dtype != torch.uint8 or enc.data.dim() != 1:
             raise CodecError("payload must be a flat uint8 tensor")
-        want = self.encoded_nbytes(enc.numel)
-        if enc.nbytes != want:
+        sizes = self.valid_nbytes(enc.numel)
+        if enc.nbytes not in sizes:
+            want = " or ".join(str(size) for size in sizes)
             raise CodecError(
                 f"codec {self.name!r}: {enc.numel} elements need {want} bytes, payload has {enc.nbytes}"
             )
+
+    def valid_nbytes(self, numel: int) -> tuple[int, ...]:
+        """Every payload size :meth:`check` accepts; variable-size codecs override this."""
+        return (self.encoded_nbytes(numel),)

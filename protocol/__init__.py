@@ -1,1 +1,148 @@
-"""The wire: protobuf messages, framing, integrity and signatures. No training logic."""
+"""The wire: protobuf messages, framing, integrity and signatures. No training logic.
+
+``lioncub_pb2`` / ``lioncub_pb2_grpc`` are generated from ``lioncub.proto`` by
+``python scripts/gen_protos.py`` and committed. Everything a receiver checks raises a
+:class:`ProtocolError` subclass; :func:`to_grpc_status` / :func:`abort_rpc` turn it into a gRPC
+status in one place (see :mod:`lioncub.protocol.errors` for the table).
+"""
+
+from . import lioncub_pb2, lioncub_pb2_grpc
+from .admission import (
+    AdmissionPolicy,
+    admission_proof,
+    check_admission,
+    generate_swarm_key,
+    load_allow_list,
+    load_swarm_key,
+    make_admission,
+    parse_allow_list,
+)
+from .canonical import encode_message, encode_values
+from .errors import (
+    AdmissionDenied,
+    BadSignature,
+    ChunkOrderError,
+    DigestMismatch,
+    FutureRound,
+    InvalidMessage,
+    InvalidPayload,
+    NonFinitePayload,
+    NotAllowListed,
+    NotAMember,
+    NotAuthenticated,
+    PermissionDenied,
+    PreconditionFailed,
+    ProtocolError,
+    SizeError,
+    StaleRound,
+    TooLarge,
+    Unavailable,
+    UnknownCodec,
+    UnknownGroup,
+    UnsupportedVersion,
+    WrongRun,
+    abort_rpc,
+    to_grpc_status,
+)
+from .framing import ShardKey, chunk_payload
+from .group import GroupPlan, check_group_announcement, check_join_request, check_pull_request
+from .identity import Identity, KeyFilePermissionError, check_peer_id, peer_id_from_public_key, verify
+from .limits import (
+    MAX_CHUNK_BYTES,
+    MAX_CONFIG_JSON_BYTES,
+    MAX_GROUP_SIZE,
+    MAX_MESSAGE_BYTES,
+    MAX_NUMEL,
+    PROTOCOL_VERSION,
+    grpc_message_options,
+)
+from .reassembly import Reassembler, ShardExpectation, receive_payload
+from .signing import sign_chunk, sign_message, verify_chunk, verify_message
+from .state import ReceivedState, check_state_request, receive_state, state_replies
+from .tls import (
+    SWARM_TLS_NAME,
+    TlsMaterial,
+    channel_credentials,
+    channel_options,
+    generate_self_signed,
+    server_credentials,
+)
+from .validate import CodecLookup, check_round, check_run, parse_config_json
+
+__all__ = [
+    "MAX_CHUNK_BYTES",
+    "MAX_CONFIG_JSON_BYTES",
+    "MAX_GROUP_SIZE",
+    "MAX_MESSAGE_BYTES",
+    "MAX_NUMEL",
+    "PROTOCOL_VERSION",
+    "SWARM_TLS_NAME",
+    "AdmissionDenied",
+    "AdmissionPolicy",
+    "BadSignature",
+    "ChunkOrderError",
+    "CodecLookup",
+    "DigestMismatch",
+    "FutureRound",
+    "GroupPlan",
+    "Identity",
+    "InvalidMessage",
+    "InvalidPayload",
+    "KeyFilePermissionError",
+    "NonFinitePayload",
+    "NotAMember",
+    "NotAllowListed",
+    "NotAuthenticated",
+    "PermissionDenied",
+    "PreconditionFailed",
+    "ProtocolError",
+    "Reassembler",
+    "ReceivedState",
+    "ShardExpectation",
+    "ShardKey",
+    "SizeError",
+    "StaleRound",
+    "TlsMaterial",
+    "TooLarge",
+    "Unavailable",
+    "UnknownCodec",
+    "UnknownGroup",
+    "UnsupportedVersion",
+    "WrongRun",
+    "abort_rpc",
+    "admission_proof",
+    "channel_credentials",
+    "channel_options",
+    "check_admission",
+    "check_group_announcement",
+    "check_join_request",
+    "check_peer_id",
+    "check_pull_request",
+    "check_round",
+    "check_run",
+    "check_state_request",
+    "chunk_payload",
+    "encode_message",
+    "encode_values",
+    "generate_self_signed",
+    "generate_swarm_key",
+    "grpc_message_options",
+    "lioncub_pb2",
+    "lioncub_pb2_grpc",
+    "load_allow_list",
+    "load_swarm_key",
+    "make_admission",
+    "parse_allow_list",
+    "parse_config_json",
+    "peer_id_from_public_key",
+    "receive_payload",
+    "receive_state",
+    "server_credentials",
+    "sign_chunk",
+    "sign_message",
+    "state_replies",
+    "to_grpc_status",
+    "verify",
+    "verify_chunk",
+    "verify_message",
+]
