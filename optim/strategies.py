@@ -94,7 +94,11 @@ class StrategyConfig:
             raise ValueError(f"outer_lr must be a positive number, got {self.outer_lr}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        for label, beta in (("beta1", self.beta1), ("beta2", self.beta2), ("outer_momentum", self.outer_momentum)):
+        for label, beta in (
+            ("beta1", self.beta1),
+            ("beta2", self.beta2),
+            ("outer_momentum", self.outer_momentum),
+        ):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"{label} must be in [0, 1), got {beta}")
         if self.reduction not in ("mavo", "avg"):

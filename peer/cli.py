@@ -16,6 +16,7 @@ from rich.table import Table
 from lioncub.optim.schedules import SyncSchedule
 from lioncub.optim.strategies import STRATEGY_NAMES, StrategyConfig
 
+from .cli_swarm import add_dht_parser, add_status_parser, cmd_dht, cmd_status
 from .progress import RoundProgress
 from .simulate import SimConfig, SimResult, simulate
 from .tasks import TASK_NAMES, fetch_shakespeare
@@ -124,7 +125,9 @@ def sim_config_from_args(args: argparse.Namespace) -> SimConfig:
             inner_lr=args.inner_lr or task_defaults["inner_lr"],
             batch_size=args.batch_size or task_defaults["batch_size"],
             group_size=args.group_size,
-            momentum_sync=SyncSchedule(every=args.momentum_sync_every, geometric_k=args.momentum_sync_geometric),
+            momentum_sync=SyncSchedule(
+                every=args.momentum_sync_every, geometric_k=args.momentum_sync_geometric
+            ),
             averaging=SyncSchedule(every=args.average_every),
             eval_every=args.eval_every,
             eval_batches=args.eval_batches,
@@ -175,11 +178,14 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     fetch_shakespeare()
     results: list[tuple[str, SimResult]] = []
     local = STRATEGY_DEFAULTS["lioncub"]["local_steps"]
-    for name, rounds in (("lioncub", args.rounds), ("diloco", args.rounds), ("allreduce", args.rounds * local)):
-        ns = build_parser().parse_args(
-            ["simulate", "--task", "shakespeare-char", "--strategy", name, "--peers", "4", "--rounds", str(rounds)]
-            + ["--eval-every", str(max(1, rounds // 5)), "--seed", str(args.seed)]
-        )
+    for name, rounds in (
+        ("lioncub", args.rounds),
+        ("diloco", args.rounds),
+        ("allreduce", args.rounds * local),
+    ):
+        argv = ["simulate", "--task", "shakespeare-char", "--strategy", name, "--peers", "4"]
+        argv += ["--rounds", str(rounds), "--eval-every", str(max(1, rounds // 5)), "--seed", str(args.seed)]
+        ns = build_parser().parse_args(argv)
         cfg = sim_config_from_args(ns)
         results.append((name, _run_sim(cfg, console, args.quiet, name)))
     console.print(results_table(results))
@@ -219,10 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true")
     fetch = sub.add_parser("fetch-data", help="download and cache the Shakespeare corpus")
     fetch.add_argument("--cache-dir", type=Path, default=None)
+    add_dht_parser(sub)
+    add_status_parser(sub)
     return parser
 
 
-_COMMANDS = {"simulate": cmd_simulate, "demo": cmd_demo, "fetch-data": cmd_fetch_data}
+_COMMANDS = {
+    "simulate": cmd_simulate,
+    "demo": cmd_demo,
+    "fetch-data": cmd_fetch_data,
+    "dht": cmd_dht,
+    "status": cmd_status,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,20 +13,19 @@ import copy
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from lioncub.optim import Lion
 from lioncub.optim.codecs import get_codec
 from lioncub.optim.partition import shard_bounds
 from lioncub.optim.schedules import SyncSchedule, consensus_distance
 from lioncub.optim.strategies import OuterState, StrategyConfig, SyncStrategy, make_strategy, weighted_mean
 
+from .local import LocalTrainer, copy_into_params
 from .tasks import Task, get_task
 
 __all__ = ["RoundRecord", "SimConfig", "SimResult", "simulate"]
@@ -136,45 +135,11 @@ class SimResult:
 @dataclass
 class _Peer:
     index: int
-    model: nn.Module
-    params: list[nn.Parameter]
-    inner: torch.optim.Optimizer | None
+    trainer: LocalTrainer
     state: OuterState
-    data: Iterator[tuple[torch.Tensor, torch.Tensor]]
     bytes_sent: int = 0
     bytes_received: int = 0
     last_loss: float = float("nan")
-
-
-def _make_inner(cfg: SimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
-    if cfg.strategy.local_steps == 0:
-        return None
-    if cfg.inner == "lion":
-        return Lion(params, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay)
-
-
-def _local_work(peer: _Peer, task: Task, cfg: SimConfig) -> torch.Tensor:
-    """Run the peer's local steps; return Δ (anchor − params, or the gradient when H == 0)."""
-    steps = cfg.strategy.local_steps
-    peer.model.train()
-    if steps == 0:
-        peer.model.zero_grad(set_to_none=True)
-        loss = task.loss(peer.model, next(peer.data))
-        loss.backward()
-        peer.last_loss = float(loss.detach())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in peer.params]
-        return torch.cat([g.reshape(-1) for g in grads]).to(torch.float32)
-    assert peer.inner is not None
-    total = 0.0
-    for _ in range(steps):
-        peer.inner.zero_grad(set_to_none=True)
-        loss = task.loss(peer.model, next(peer.data))
-        loss.backward()
-        peer.inner.step()
-        total += float(loss.detach())
-    peer.last_loss = total / steps
-    return peer.state.anchor - parameters_to_vector(peer.params).detach().to(torch.float32)
 
 
 def _groups(n: int, group_size: int, seed: int, rnd: int) -> list[list[int]]:
@@ -232,7 +197,7 @@ def _float_sync(members: list[_Peer], vecs: list[torch.Tensor], codec_name: str)
 
 def _evaluate(task: Task, model: nn.Module, anchor: torch.Tensor, batches: int) -> float:
     probe = copy.deepcopy(model)
-    vector_to_parameters(anchor.to(next(probe.parameters()).dtype), probe.parameters())
+    copy_into_params(anchor, [p for p in probe.parameters() if p.requires_grad])
     return float(task.evaluate(probe, max_batches=batches))
 
 
@@ -245,24 +210,40 @@ def simulate(
     """Run ``cfg`` to completion and return every round's record."""
     dev = device or torch.device("cpu")
     torch.manual_seed(cfg.seed)
-    task = get_task(cfg.task, **cfg.task_overrides)
+    task = get_task(cfg.task, device=dev, **cfg.task_overrides)
     strategy = make_strategy(cfg.strategy)
     template = task.make_model(cfg.seed).to(dev)
     peers: list[_Peer] = []
     for i in range(cfg.peers):
-        model = copy.deepcopy(template)
-        params = [p for p in model.parameters() if p.requires_grad]
-        state = OuterState.create(parameters_to_vector(params))
-        data = task.batches(i, cfg.peers, cfg.batch_size, cfg.seed)
-        peers.append(_Peer(i, model, params, _make_inner(cfg, params), state, data))
+        trainer = LocalTrainer(
+            task,
+            copy.deepcopy(template),
+            task.batches(i, cfg.peers, cfg.batch_size, cfg.seed),
+            local_steps=cfg.strategy.local_steps,
+            inner=cfg.inner,
+            inner_lr=cfg.inner_lr,
+            inner_weight_decay=cfg.inner_weight_decay,
+            batch_size=cfg.batch_size,
+        )
+        peers.append(_Peer(i, trainer, OuterState.create(trainer.get_flat())))
     num_params = peers[0].state.anchor.numel()
-    initial = _evaluate(task, peers[0].model, peers[0].state.anchor, cfg.eval_batches)
-    log.info("simulating %d peers, %s, %d params, initial val loss %.4f", cfg.peers, strategy.name, num_params, initial)
+    initial = _evaluate(task, peers[0].trainer.model, peers[0].state.anchor, cfg.eval_batches)
+    log.info(
+        "simulating %d peers, %s, %d params, initial val loss %.4f",
+        cfg.peers,
+        strategy.name,
+        num_params,
+        initial,
+    )
     records: list[RoundRecord] = []
     start = time.perf_counter()
     weight = cfg.samples_per_round
     for rnd in range(1, cfg.rounds + 1):
-        deltas = [_local_work(p, task, cfg) for p in peers]
+        deltas = []
+        for p in peers:
+            local = p.trainer.run_round(p.state.anchor)
+            p.last_loss = local.loss
+            deltas.append(local.delta)
         for group in _groups(cfg.peers, cfg.group_size, cfg.seed, rnd):
             members = [peers[i] for i in group]
             vecs = [strategy.prepare(peers[i].state, deltas[i]) for i in group]
@@ -282,9 +263,13 @@ def simulate(
                 for p in members:
                     p.state.anchor.copy_(mean_a)
         for p in peers:
-            vector_to_parameters(p.state.anchor.to(p.params[0].dtype), p.params)
+            p.trainer.set_flat(p.state.anchor)
         evaluate = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
-        val = _evaluate(task, peers[0].model, peers[0].state.anchor, cfg.eval_batches) if evaluate else None
+        val = (
+            _evaluate(task, peers[0].trainer.model, peers[0].state.anchor, cfg.eval_batches)
+            if evaluate
+            else None
+        )
         rec = RoundRecord(
             round=rnd,
             samples=rnd * weight * cfg.peers,

@@ -26,3 +26,10 @@ def _no_orphan_processes() -> Iterator[None]:
     leftovers = reap_new_children(before)
     if leftovers:
         print(f"\n[conftest] reaped stray child processes: {leftovers}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Two shared cores: one intra-op thread per test process keeps timings sane and runs reproducible.
+    import torch
+
+    torch.set_num_threads(1)

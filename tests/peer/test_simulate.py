@@ -61,23 +61,34 @@ def test_sign_bytes_are_exact() -> None:
 
 
 def test_gossip_groups_drift_and_averaging_pulls_back() -> None:
-    base = {"peers": 6, "rounds": 12, "group_size": 2, "strategy": StrategyConfig(local_steps=2), "eval_every": 12}
+    base = {
+        "peers": 6,
+        "rounds": 12,
+        "group_size": 2,
+        "strategy": StrategyConfig(local_steps=2),
+        "eval_every": 12,
+    }
     drift = simulate(SimConfig(**base)).records  # type: ignore[arg-type]
     avg = simulate(SimConfig(**base, averaging=SyncSchedule(every=4))).records  # type: ignore[arg-type]
     assert max(r.consensus_distance for r in drift) > 0
-    assert avg[3].averaged and avg[3].consensus_distance < 1e-3
+    # Averaging runs inside each (gossip) group, so it shrinks the spread without erasing it.
+    assert avg[3].averaged and avg[3].consensus_distance < avg[2].consensus_distance
     assert avg[-1].consensus_distance < drift[-1].consensus_distance
 
 
 def test_momentum_sync_is_logged_on_schedule() -> None:
-    cfg = SimConfig(peers=2, rounds=6, strategy=StrategyConfig(local_steps=1), momentum_sync=SyncSchedule(every=3))
+    cfg = SimConfig(
+        peers=2, rounds=6, strategy=StrategyConfig(local_steps=1), momentum_sync=SyncSchedule(every=3)
+    )
     recs = simulate(cfg).records
     assert [r.round for r in recs if r.momentum_synced] == [3, 6]
 
 
 def test_cli_simulate_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "run.json"
-    code = main(["simulate", "--peers", "2", "--rounds", "3", "--local-steps", "2", "--json", str(out), "--quiet"])
+    code = main(
+        ["simulate", "--peers", "2", "--rounds", "3", "--local-steps", "2", "--json", str(out), "--quiet"]
+    )
     assert code == 0
     doc = json.loads(out.read_text())
     assert doc["config"]["peers"] == 2 and len(doc["records"]) == 3
