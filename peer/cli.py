@@ -16,7 +16,9 @@ from rich.table import Table
 from lioncub.optim.schedules import SyncSchedule
 from lioncub.optim.strategies import STRATEGY_NAMES, StrategyConfig
 
+from .cli_join import add_join_parser, cmd_join
 from .cli_swarm import add_dht_parser, add_status_parser, cmd_dht, cmd_status
+from .logs import configure_logging
 from .progress import RoundProgress
 from .simulate import SimConfig, SimResult, simulate
 from .tasks import TASK_NAMES, fetch_shakespeare
@@ -225,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true")
     fetch = sub.add_parser("fetch-data", help="download and cache the Shakespeare corpus")
     fetch.add_argument("--cache-dir", type=Path, default=None)
+    add_join_parser(sub)
     add_dht_parser(sub)
     add_status_parser(sub)
     return parser
@@ -234,6 +237,7 @@ _COMMANDS = {
     "simulate": cmd_simulate,
     "demo": cmd_demo,
     "fetch-data": cmd_fetch_data,
+    "join": cmd_join,
     "dht": cmd_dht,
     "status": cmd_status,
 }
@@ -242,7 +246,7 @@ _COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, stream=sys.stderr)
     console = Console(stderr=False)
     try:
         return _COMMANDS[args.command](args, console)

@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 ENV_PREFIX = "LIONCUB_"
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _MAX_DEPTH = 4
 
 T = TypeVar("T")
@@ -133,7 +133,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not _RUN_ID.match(self.run_id):
             raise ConfigError(
-                f"run_id must be 1-64 characters of letters, digits, '_', '.', '-', got {self.run_id!r}"
+                f"run_id must be 1-64 characters of letters, digits, '_' and '-', got {self.run_id!r}"
             )
 
 

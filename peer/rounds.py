@@ -1,0 +1,132 @@
+"""The network side of a round: find a group, exchange, apply; plus the scheduled float syncs.
+
+:class:`RoundEngine` is what turns a peer's local result (Δ and its sample count) into the agreed
+update, whoever drives the local steps (the CLI runtime or a user's own loop through the Python
+API). A failed matchmaking or exchange is data: the peer applies its own contribution for the
+missing part and goes on (DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lioncub.optim.reducers import MeanReducer
+from lioncub.optim.schedules import SyncSchedule
+from lioncub.optim.strategies import OuterState, SyncStrategy
+from lioncub.protocol import GroupPlan
+
+from .exchange import ExchangeHub, run_exchange
+from .matchmaking import Matchmaker
+
+__all__ = ["RoundEngine", "RoundReport"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundReport:
+    """What one round did, for progress bars, metrics and summaries."""
+
+    round: int
+    group_size: int
+    group_members: tuple[str, ...]
+    missing_owners: tuple[str, ...] = ()
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    matchmaking_s: float = 0.0
+    exchange_s: float = 0.0
+    momentum_synced: bool = False
+    averaged: bool = False
+    failures: list[str] = field(default_factory=list)
+
+
+class RoundEngine:
+    """Drives ``strategy`` over the network for one peer."""
+
+    def __init__(
+        self,
+        strategy: SyncStrategy,
+        state: OuterState,
+        hub: ExchangeHub,
+        matchmaker: Matchmaker,
+        *,
+        matchmaking_timeout: float,
+        exchange_timeout: float,
+        momentum_sync: SyncSchedule,
+        averaging: SyncSchedule,
+    ) -> None:
+        self.strategy = strategy
+        self.state = state
+        self.hub = hub
+        self.matchmaker = matchmaker
+        self.matchmaking_timeout = matchmaking_timeout
+        self.exchange_timeout = exchange_timeout
+        self.momentum_sync = momentum_sync
+        self.averaging = averaging
+
+    async def sync(self, delta: torch.Tensor, samples: int) -> RoundReport:
+        """Run round ``state.round`` with this peer's Δ and apply the agreed update to the anchor."""
+        rnd = self.state.round
+        self.hub.enter_round(rnd)
+        vec = self.strategy.prepare(self.state, delta)
+        t0 = time.monotonic()
+        plan = await self.matchmaker.form_group(
+            round=rnd, weight=float(samples), deadline=t0 + self.matchmaking_timeout
+        )
+        report = RoundReport(rnd, 1, (), matchmaking_s=time.monotonic() - t0)
+        if plan is None:
+            report.failures.append("no_group")
+            update = self.strategy.decode(self.strategy.local_fallback(self.strategy.encode(vec), samples))
+        else:
+            update = await self._exchange(plan, "update", vec, self.strategy, samples, report)
+        self.strategy.apply(self.state, update, delta)
+        if plan is not None:
+            # Sync points are decided by the round number alone, so the whole group agrees.
+            done = self.state.round
+            if self.momentum_sync.is_due(done):
+                reducer = MeanReducer(self.momentum_sync.codec)
+                mean = await self._exchange(plan, "momentum", self.state.momentum, reducer, 1, report)
+                self.state.momentum.copy_(mean)
+                report.momentum_synced = True
+                log.info("round %d: momentum synced with %d peers", rnd, len(plan.members))
+            if self.averaging.is_due(done):
+                reducer = MeanReducer(self.averaging.codec)
+                mean = await self._exchange(plan, "params", self.state.anchor, reducer, 1, report)
+                self.state.anchor.copy_(mean)
+                report.averaged = True
+                log.info("round %d: anchors averaged with %d peers", rnd, len(plan.members))
+        return report
+
+    async def _exchange(
+        self,
+        plan: GroupPlan,
+        name: str,
+        vec: torch.Tensor,
+        reducer: MeanReducer | SyncStrategy,
+        weight: int,
+        report: RoundReport,
+    ) -> torch.Tensor:
+        t0 = time.monotonic()
+        outcome = await run_exchange(
+            self.hub, plan, name, vec, reducer, int(weight), deadline=time.time() + self.exchange_timeout
+        )
+        report.exchange_s += time.monotonic() - t0
+        report.group_size = len(plan.members)
+        report.group_members = tuple(plan.members)
+        report.bytes_sent += outcome.bytes_sent
+        report.bytes_received += outcome.bytes_received
+        if outcome.missing_owners:
+            report.missing_owners = tuple(sorted(set(report.missing_owners) | set(outcome.missing_owners)))
+            report.failures.append(f"{name}_fallback")
+            log.warning(
+                "round %d %s: %d shard(s) fell back to the local value (owners %s)",
+                plan.round,
+                name,
+                len(outcome.missing_owners),
+                ", ".join(o[:8] for o in outcome.missing_owners),
+            )
+        return outcome.update
