@@ -17,6 +17,7 @@ from lioncub.optim.schedules import SyncSchedule
 from lioncub.optim.strategies import STRATEGY_NAMES, StrategyConfig
 
 from .cli_join import add_join_parser, cmd_join
+from .cli_launch import add_swarm_parser, cmd_swarm
 from .cli_swarm import add_dht_parser, add_status_parser, cmd_dht, cmd_status
 from .logs import configure_logging
 from .progress import RoundProgress
@@ -228,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch-data", help="download and cache the Shakespeare corpus")
     fetch.add_argument("--cache-dir", type=Path, default=None)
     add_join_parser(sub)
+    add_swarm_parser(sub)
     add_dht_parser(sub)
     add_status_parser(sub)
     return parser
@@ -238,6 +240,7 @@ _COMMANDS = {
     "demo": cmd_demo,
     "fetch-data": cmd_fetch_data,
     "join": cmd_join,
+    "swarm": cmd_swarm,
     "dht": cmd_dht,
     "status": cmd_status,
 }

@@ -22,6 +22,15 @@ A peer ready for round ``r`` calls ``await matchmaker.form_group(r, weight)``:
 ``form_group`` returns the :class:`~lioncub.protocol.GroupPlan` or ``None`` (alone, no leader
 reachable in time, the DHT failing...): the caller then applies its own update and goes on. Every
 failure is logged and counted in :attr:`Matchmaker.stats`, never raised.
+
+Example (one peer; ``channels`` is the :class:`~lioncub.peer.exchange.ChannelPool` the exchange uses)::
+
+    server = await PeerServer.start("0.0.0.0:0", identity=me)
+    info = peer_info(me, endpoint=server.endpoint, bandwidth_mbps=100.0)
+    config = MatchmakingConfig(group_size=4, timeout=5.0)
+    matchmaker = Matchmaker(dht, me, run_id, info, total_numel=n, config=config, channels=channels)
+    server.groups = matchmaker
+    plan = await matchmaker.form_group(round, weight=samples)  # None: apply the local update alone
 """
 
 from __future__ import annotations
