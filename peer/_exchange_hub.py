@@ -39,6 +39,7 @@ from lioncub.protocol import (
     Reassembler,
     StaleRound,
     TlsMaterial,
+    TooLarge,
     Unavailable,
     UnknownGroup,
     check_pull_request,
@@ -49,7 +50,7 @@ from lioncub.protocol.validate import CodecLookup, check_id, check_version, show
 
 from ._exchange_channels import ChannelPool
 from ._exchange_slots import ShardSlot, SlotKey, SlotState, wire_size
-from .server import CallInfo
+from .server import CallInfo, ExchangeHandler
 
 __all__ = ["ExchangeHub", "HubConfig"]
 
@@ -73,6 +74,8 @@ class HubConfig:
         serve_wait: whether an owner's :func:`run_exchange` waits (until its deadline) for every
             contributor to pull its shard before returning, so that the outcome's byte counts are
             complete. Serving goes on either way while the round's slots are retained.
+        max_waiting: calls that may wait for a slot at once (each holds one unverified chunk of
+            up to 1 MiB); more are refused with ``RESOURCE_EXHAUSTED``.
     """
 
     retain_rounds: int = 2
@@ -81,10 +84,13 @@ class HubConfig:
     chunk_bytes: int = MAX_CHUNK_BYTES
     push_grace_s: float = 0.5
     serve_wait: bool = True
+    max_waiting: int = 64
 
     def __post_init__(self) -> None:
         if self.retain_rounds < 1:
             raise ValueError(f"retain_rounds must be >= 1, got {self.retain_rounds}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         if not 0 < self.chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}, got {self.chunk_bytes}")
         for name in ("open_wait_s", "max_pull_wait_s", "push_grace_s"):
@@ -125,6 +131,7 @@ class ExchangeHub:
         self._plans: dict[tuple[int, str], GroupPlan] = {}
         self._round: int | None = None
         self._changed = asyncio.Event()
+        self._waiting = 0
 
     def __repr__(self) -> str:
         return f"ExchangeHub(peer_id={self.identity.peer_id!r}, run_id={self.run_id!r}, round={self._round})"
@@ -135,7 +142,13 @@ class ExchangeHub:
         return self._round
 
     def slot(self, key: SlotKey) -> ShardSlot | None:
+        """The slot of a shard this peer owns, while its round is retained."""
         return self._slots.get(key)
+
+    @property
+    def slot_keys(self) -> frozenset[SlotKey]:
+        """Every slot held now (at most ``retain_rounds`` rounds' worth)."""
+        return frozenset(self._slots)
 
     # --- opening and discarding ------------------------------------------------------------------
 
@@ -194,6 +207,20 @@ class ExchangeHub:
     # --- routing ---------------------------------------------------------------------------------
 
     async def _find_slot(self, key: SlotKey, call: CallInfo) -> ShardSlot:
+        slot = self._slots.get(key)
+        if slot is not None:
+            return slot
+        if self._waiting >= self.config.max_waiting:
+            raise TooLarge(
+                f"{key.describe()}: {self._waiting} calls already wait for slots to open here; retry later"
+            )
+        self._waiting += 1
+        try:
+            return await self._wait_for_slot(key, call)
+        finally:
+            self._waiting -= 1
+
+    async def _wait_for_slot(self, key: SlotKey, call: CallInfo) -> ShardSlot:
         until = time.monotonic() + call.bound(self.config.open_wait_s)
         while True:
             slot = self._slots.get(key)
@@ -294,3 +321,7 @@ class ExchangeHub:
             slot.traffic.sent += wire_size(chunk)
             yield chunk
         slot.mark_pulled(r.requester_id)
+
+
+def _is_exchange_handler(hub: ExchangeHub) -> ExchangeHandler:
+    return hub  # mypy checks that ExchangeHub implements the server's ExchangeHandler

@@ -79,8 +79,13 @@ class RoundAssembly:
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
     def announce_by(self, end: float, margin: float) -> float:
-        """When the leader must announce: ``margin`` before its own end or any joined follower's."""
-        return min([end, *self.caller_deadlines.values()]) - margin
+        """When the leader must announce: ``margin`` before its own end or an expected follower's.
+
+        Only followers the leader's own plan expects count, so that an unexpected joiner with a
+        short call deadline cannot hurry the announcement for everyone.
+        """
+        deadlines = [d for peer_id, d in self.caller_deadlines.items() if peer_id in self.expected]
+        return min([end, *deadlines]) - margin
 
     # --- transitions, driven by the peer's own form_group -----------------------------------
 

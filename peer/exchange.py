@@ -150,6 +150,26 @@ def _check_args(hub: ExchangeHub, plan: GroupPlan, exchange: str, own_vec: torch
         raise ValueError(f"weight must be a whole number of samples >= 0, got {weight!r}")
 
 
+def _assemble(
+    plan: GroupPlan,
+    reducer: Reducer,
+    parts: Sequence[Encoded],
+    weight: int,
+    results: Mapping[int, tuple[torch.Tensor | None, str | None]],
+    device: torch.device,
+) -> tuple[torch.Tensor, dict[str, str]]:
+    """The full update: each shard's result, or this peer's local fallback where there is none."""
+    update = torch.empty(plan.total_numel, dtype=torch.float32, device=device)
+    failures: dict[str, str] = {}
+    for s in plan.shards:
+        values, failure = results[s.index]
+        if values is None:
+            failures[s.owner_id] = failure or "no result"
+            values = reducer.decode(reducer.local_fallback(parts[s.index], weight))
+        update[s.offset : s.offset + s.numel] = values.to(device=device, dtype=torch.float32)
+    return update, failures
+
+
 async def _own_shard(
     slot: ShardSlot, reducer: Reducer, until: float
 ) -> tuple[torch.Tensor | None, str | None]:
@@ -223,18 +243,15 @@ async def run_exchange(
         own_values, own_failure = (None, None) if slot is None else await _own_shard(slot, reducer, until)
         reduced_at = None if slot is None else time.monotonic()
 
-    update = torch.empty(plan.total_numel, dtype=torch.float32, device=own_vec.device)
-    failures: dict[str, str] = {}
-    for s in plan.shards:
-        if s.index == own:
-            values, failure = own_values, own_failure
-        else:
-            shard = remote[s.index].result()
-            values, failure = shard.values, shard.failure
-        if values is None:
-            failures[s.owner_id] = failure or "no result"
-            values = reducer.decode(reducer.local_fallback(parts[s.index], weight))
-        update[s.offset : s.offset + s.numel] = values.to(update.device)
+    results: dict[int, tuple[torch.Tensor | None, str | None]] = {
+        index: (task.result().values, task.result().failure) for index, task in remote.items()
+    }
+    if own is not None:
+        results[own] = (own_values, own_failure)
+    # off the event loop: filling a fresh full-length vector costs page faults on large models
+    update, failures = await asyncio.to_thread(
+        _assemble, plan, reducer, parts, weight, results, own_vec.device
+    )
 
     left_out: tuple[str, ...] = ()
     if slot is not None:

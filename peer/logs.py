@@ -33,6 +33,20 @@ def short_peer_id(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 8 else peer_id[-6:]
 
 
+# hivemind renames WARNING to "WARN" globally when imported; our lines keep the standard names.
+_LEVEL_NAMES = {
+    logging.DEBUG: "DEBUG",
+    logging.INFO: "INFO",
+    logging.WARNING: "WARNING",
+    logging.ERROR: "ERROR",
+    logging.CRITICAL: "CRITICAL",
+}
+
+
+def _level(record: logging.LogRecord) -> str:
+    return _LEVEL_NAMES.get(record.levelno, record.levelname)
+
+
 class PeerLogContext:
     """The identity and current round of one peer, shared by all its loggers."""
 
@@ -128,7 +142,7 @@ class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         peer, _, round_ = _fields(record)
         line = (
-            f"{self.formatTime(record)} {record.levelname} peer={peer or '-'} "
+            f"{self.formatTime(record)} {_level(record)} peer={peer or '-'} "
             f"round={'-' if round_ is None else round_} {record.name}: {record.getMessage()}"
         )
         extra = _exception_text(self, record)
@@ -143,7 +157,7 @@ class _JsonFormatter(logging.Formatter):
         when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
         doc: dict[str, Any] = {
             "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "level": record.levelname,
+            "level": _level(record),
             "peer": peer,
             "peer_id": peer_id,
             "round": round_,

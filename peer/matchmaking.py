@@ -14,7 +14,7 @@ A peer ready for round ``r`` calls ``await matchmaker.form_group(r, weight)``:
    snapshot put elsewhere: snapshots can differ), and once its expected members joined or its
    assembly deadline passed, it signs a :class:`GroupAnnouncement` with the shard plan
    (:func:`lioncub.peer.groups.announce_group`) and streams it to every member. It announces
-   at the latest a margin before its own deadline or any joined follower's call deadline.
+   at the latest a margin before its own deadline or an expected follower's call deadline.
 5. A follower calls its leader's ``JoinGroup`` and checks the announcement. If the leader is
    unreachable, rejects, disbands or is too slow, the follower excludes it, re-reads the ready set
    and recomputes, so a dead leader is replaced while time remains.
@@ -84,6 +84,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_REPLY_MARGIN_S = 0.05
 
 
 class Matchmaker:
@@ -357,7 +358,8 @@ class Matchmaker:
                 reason=f"this peer is not forming a group for round {request.round}",
             )
             return
-        caller_deadline = None if call.time_remaining is None else time.monotonic() + call.bound(math.inf)
+        # Answer a held request while the caller still listens.
+        caller_deadline = None if call.deadline is None else call.deadline - _REPLY_MARGIN_S
         async with aclosing(state.serve(ReadyPeer(request.peer, request.weight), caller_deadline)) as replies:
             async for reply in replies:
                 if reply.status == pb.JoinGroupReply.STATUS_ACCEPTED:

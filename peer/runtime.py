@@ -37,7 +37,7 @@ from .dht import (
 )
 from .exchange import ExchangeHub, HubConfig
 from .groups import peer_info
-from .local import LocalTrainer
+from .local import LocalResult, LocalTrainer
 from .matchmaking import Matchmaker, MatchmakingConfig
 from .metrics import PeerMetrics
 from .rounds import RoundEngine, RoundReport
@@ -394,44 +394,85 @@ class PeerRuntime:
     async def run(
         self, max_rounds: int | None = None, on_round: Callable[[RoundReport, RunSummary], None] | None = None
     ) -> RunSummary:
-        """Train until ``max_rounds`` rounds were applied (counting from round 0) or :attr:`stop_event`."""
+        """Train until ``max_rounds`` rounds were applied (counting from round 0) or :attr:`stop_event`.
+
+        With ``rounds.overlap`` (and local steps), the exchange of round r runs while the local
+        steps of round r + 1 compute; when U_r lands, the local progress is carried over on top of
+        the new anchor: θ_local ← θ_anchor,r+1 + (θ_local − S_r), S_r being where the steps began.
+        """
         await self._wait_for_peers()
         summary, start = self.summary, time.perf_counter()
         summary.first_round = self.state.round
         summary.initial_loss = await asyncio.to_thread(self.evaluate)
         self._last_loss = summary.initial_loss
         cfg = self.config
-        while not self.stop_event.is_set() and (max_rounds is None or self.state.round < max_rounds):
-            if summary.rounds_completed and await self._catch_up(min_lead=2):
+        overlap = cfg.rounds.overlap and cfg.strategy.local_steps > 0
+        pending: asyncio.Task[RoundReport] | None = None
+        pending_local: LocalResult | None = None
+        began = self.trainer.get_flat()  # S: where this round's local steps start
+
+        def more() -> bool:
+            planned = self.state.round + (1 if pending is not None else 0)
+            return not self.stop_event.is_set() and (max_rounds is None or planned < max_rounds)
+
+        while more():
+            if pending is None and summary.rounds_completed and await self._catch_up(min_lead=2):
                 log.warning("fell behind the swarm; jumped to round %d", self.state.round)
+                began = self.state.anchor.clone()
             local = await asyncio.to_thread(
-                self.trainer.run_round, self.state.anchor, max_seconds=cfg.rounds.max_seconds
+                self.trainer.run_round,
+                began if overlap else self.state.anchor,
+                max_seconds=cfg.rounds.max_seconds,
             )
-            report = await self.engine.sync(local.delta, local.samples)
+            if not overlap:
+                report = await self.engine.sync(local.delta, local.samples)
+                self.trainer.set_flat(self.state.anchor)
+                await self._after_round(report, local, start, on_round)
+                continue
+            if pending is not None:
+                assert pending_local is not None
+                await self._after_round(await pending, pending_local, start, on_round)
+            # Carry this round's progress (Δ = S − θ) over onto the newest anchor, then send it.
+            began = self.state.anchor - local.delta
+            self.trainer.set_flat(began)
+            pending, pending_local = asyncio.create_task(self.engine.sync(local.delta, local.samples)), local
+        if pending is not None:
+            assert pending_local is not None
+            await self._after_round(await pending, pending_local, start, on_round)
             self.trainer.set_flat(self.state.anchor)
-            self.state_service.publish(self.state.round, self.state.anchor, self.state.momentum)
-            summary.rounds_completed += 1
-            summary.samples += local.samples
-            summary.compute_s += local.compute_s
-            summary.bytes_sent += report.bytes_sent
-            summary.bytes_received += report.bytes_received
-            summary.wall_s = time.perf_counter() - start
-            summary.groups_formed += report.group_size > 1
-            summary.rounds_alone += report.group_size <= 1
-            self._peers_seen.update(m for m in report.group_members if m != self.peer_id)
-            self._last_loss = local.loss
-            self._update_metrics(report, local.loss, local.samples)
-            if self.settings.eval_every and self.state.round % self.settings.eval_every == 0:
-                self.metrics.set_val_loss(await asyncio.to_thread(self.evaluate))
-            if self.store is not None and self.store.due(self.state.round):
-                await asyncio.to_thread(self.save_checkpoint)
-            if on_round is not None:
-                on_round(report, summary)
         summary.final_loss = await asyncio.to_thread(self.evaluate)
         summary.wall_s = time.perf_counter() - start
         summary.peers_seen = sorted(self._peers_seen)
         summary.anchor_sha256 = anchor_digest(self.state.anchor)
         return summary
+
+    async def _after_round(
+        self,
+        report: RoundReport,
+        local: LocalResult,
+        start: float,
+        on_round: Callable[[RoundReport, RunSummary], None] | None,
+    ) -> None:
+        """Book-keeping once round ``report.round`` was applied to the anchor."""
+        summary = self.summary
+        self.state_service.publish(self.state.round, self.state.anchor, self.state.momentum)
+        summary.rounds_completed += 1
+        summary.samples += local.samples
+        summary.compute_s += local.compute_s
+        summary.bytes_sent += report.bytes_sent
+        summary.bytes_received += report.bytes_received
+        summary.wall_s = time.perf_counter() - start
+        summary.groups_formed += report.group_size > 1
+        summary.rounds_alone += report.group_size <= 1
+        self._peers_seen.update(m for m in report.group_members if m != self.peer_id)
+        self._last_loss = local.loss
+        self._update_metrics(report, local.loss, local.samples)
+        if self.settings.eval_every and self.state.round % self.settings.eval_every == 0:
+            self.metrics.set_val_loss(await asyncio.to_thread(self.evaluate))
+        if self.store is not None and self.store.due(self.state.round):
+            await asyncio.to_thread(self.save_checkpoint)
+        if on_round is not None:
+            on_round(report, summary)
 
     async def _wait_for_peers(self) -> None:
         want = self.settings.min_peers

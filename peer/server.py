@@ -171,13 +171,13 @@ class LioncubPeerServicer:
     def _call(context: grpc.aio.ServicerContext) -> CallInfo:
         return CallInfo.after(str(context.peer()), context.time_remaining())
 
-    @staticmethod
-    async def _fail(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> NoReturn:
+    async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> NoReturn:
         """The one place where a failed call becomes a status (via ``abort_rpc``)."""
+        me = self._server.identity.peer_id
         if isinstance(exc, ProtocolError):
-            log.info("%s from %s refused: %s", method, context.peer(), exc)
+            log.info("peer %s: %s from %s refused: %s", me, method, context.peer(), exc)
         else:
-            log.error("%s from %s failed", method, context.peer(), exc_info=exc)
+            log.error("peer %s: %s from %s failed", me, method, context.peer(), exc_info=exc)
         await abort_rpc(context, exc)
 
     @staticmethod

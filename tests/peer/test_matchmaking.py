@@ -210,6 +210,32 @@ def test_ready_info_round_trip_and_rejects() -> None:
             parse_ready_info(peer_id, entry)
 
 
+def test_config_and_argument_checks(dhts: list[DHT]) -> None:
+    for bad in ({"group_size": 1}, {"timeout": 0.0}, {"gather_fraction": 1.0}, {"max_group_size": 1}):
+        with pytest.raises(ValueError):
+            MatchmakingConfig(**bad)  # type: ignore[arg-type]
+    assert MatchmakingConfig(group_size=3).member_cap == 6
+    me = identity("args")
+    info = peer_info(me, client_mode=True)
+    with pytest.raises(ValueError):
+        Matchmaker(dhts[0], me, "run", peer_info(identity("other"), client_mode=True), total_numel=1)
+    with pytest.raises(ValueError):
+        Matchmaker(dhts[0], me, "bad run id!", info, total_numel=1)
+    matchmaker = Matchmaker(dhts[0], me, "mm-args", info, total_numel=1, config=CONFIG)
+
+    async def main() -> None:
+        with pytest.raises(ValueError):
+            await matchmaker.form_group(-1, weight=1.0)
+        with pytest.raises(ValueError):
+            await matchmaker.form_group(0, weight=float("inf"))
+        started = time.monotonic()
+        assert await matchmaker.form_group(0, weight=1.0, deadline=started - 1.0) is None
+        assert time.monotonic() - started < 0.5 and matchmaker.stats.fallbacks == 1
+        await matchmaker.close()
+
+    asyncio.run(main())
+
+
 # --- whole groups over the DHT and gRPC ----------------------------------------------------
 
 
