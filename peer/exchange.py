@@ -128,7 +128,9 @@ class ExchangeOutcome:
 def _encode_shards(
     reducer: Reducer, vec: torch.Tensor, shards: Sequence[pb.ShardAssignment]
 ) -> list[Encoded]:
-    return [reducer.encode(vec[s.offset : s.offset + s.numel]) for s in shards]
+    """This peer's part of every shard, on the CPU (where the wire and the other parts are)."""
+    parts = [reducer.encode(vec[s.offset : s.offset + s.numel]) for s in shards]
+    return [p if p.data.device.type == "cpu" else Encoded(p.codec, p.numel, p.data.cpu()) for p in parts]
 
 
 def _check_args(hub: ExchangeHub, plan: GroupPlan, exchange: str, own_vec: torch.Tensor, weight: int) -> None:

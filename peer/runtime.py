@@ -19,89 +19,19 @@ from typing import Any
 
 import torch
 
-from lioncub import __version__
 from lioncub.optim.strategies import OuterState, make_strategy
-from lioncub.protocol import AdmissionPolicy, Identity
 
 from .checkpoint import Checkpoint, CheckpointStore
-from .config import ConfigError, RunConfig, from_dict, to_dict
-from .dht import (
-    DHTError,
-    PeerRecord,
-    SwarmRegistry,
-    fetch_run_config_async,
-    list_runs_async,
-    publish_run_config_async,
-    shutdown_dht,
-    start_dht_async,
-)
-from .exchange import ExchangeHub, HubConfig
-from .groups import peer_info
+from .config import RunConfig, to_dict
 from .local import LocalResult, LocalTrainer
-from .matchmaking import Matchmaker, MatchmakingConfig
 from .metrics import PeerMetrics
-from .rounds import RoundEngine, RoundReport
-from .server import HealthInfo, PeerServer
-from .state_service import StateDownloadError, StateService, download_state
+from .node import PeerNode, PeerSettings, SetupError
+from .rounds import RoundReport
 from .tasks import get_task, select_device
 
-__all__ = ["PeerRuntime", "PeerSettings", "RunSummary", "SetupError"]
+__all__ = ["PeerRuntime", "PeerSettings", "RunSummary", "SetupError", "anchor_digest"]
 
 log = logging.getLogger(__name__)
-
-
-class SetupError(RuntimeError):
-    """The peer cannot start: no run to join, a bad config, an unreachable DHT. Says what to do."""
-
-
-@dataclass(frozen=True)
-class PeerSettings:
-    """This peer's local settings (not shared with the swarm).
-
-    Attributes:
-        initial_peers: multiaddrs of DHT nodes to join (empty: start a new swarm).
-        run_id: the run to join (default: the newest run in the DHT, or the config's).
-        host, port: where the gRPC server binds (port 0 = any free port).
-        advertise_host: the address others dial (default: ``host``, or 127.0.0.1 for 0.0.0.0).
-        client_mode: accept no connections (behind NAT); own no shard.
-        identity_path: Ed25519 key file (created 0600 if missing); None = a fresh key.
-        checkpoint_dir, checkpoint_every: periodic atomic checkpoints (None = off).
-        resume: start from the newest good checkpoint in ``checkpoint_dir``.
-        metrics_port: serve Prometheus metrics on 127.0.0.1:port (None = off, 0 = any port).
-        bandwidth_mbps: upload bandwidth to report (sizes this peer's shard).
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
-        data_shard, num_data_shards: which slice of the data this peer reads.
-        eval_every, eval_batches: validation loss every N rounds (and at the start and the end).
-        announce_every, peer_ttl: how often the peer refreshes its registry entry and how long it lives.
-        swarm_key: shared secret for a closed swarm (None = open).
-        min_peers, start_timeout: before the first round, wait up to ``start_timeout`` seconds
-            until this many peers (this one included) are in the registry.
-    """
-
-    initial_peers: tuple[str, ...] = ()
-    run_id: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 0
-    advertise_host: str | None = None
-    dht_host: str = "127.0.0.1"
-    dht_port: int = 0
-    client_mode: bool = False
-    identity_path: Path | None = None
-    checkpoint_dir: Path | None = None
-    checkpoint_every: int = 10
-    resume: bool = False
-    metrics_port: int | None = None
-    bandwidth_mbps: float = 100.0
-    device: str = "auto"
-    data_shard: int | None = None
-    num_data_shards: int = 64
-    eval_every: int = 10
-    eval_batches: int = 8
-    announce_every: float = 2.0
-    peer_ttl: float = 8.0
-    swarm_key: bytes | None = None
-    min_peers: int = 1
-    start_timeout: float = 120.0
 
 
 @dataclass
@@ -140,95 +70,51 @@ def anchor_digest(anchor: torch.Tensor) -> str:
     return hashlib.sha256(anchor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
 
-async def _resolve_config(
-    dht: Any, settings: PeerSettings, config: RunConfig | None
-) -> tuple[RunConfig, bool]:
-    """The run to take part in; True when this peer created it."""
-    run_id = settings.run_id or (config.run_id if config is not None else None)
-    if run_id is None:
-        runs = await list_runs_async(dht)
-        if not runs:
-            raise SetupError(
-                "no run found in the DHT to join; start one with --task (and optionally --config), "
-                "or pass --run-id"
-            )
-        run_id = runs[0]
-    doc = await fetch_run_config_async(dht, run_id)
-    if doc is not None:
-        try:
-            remote = from_dict(RunConfig, doc)
-        except ConfigError as exc:
-            raise SetupError(f"the run config published for {run_id!r} is invalid: {exc}") from exc
-        if config is not None and to_dict(config) != doc and config.run_id == run_id:
-            log.warning("run %s already exists; using its published config, not the local one", run_id)
-        return remote, False
-    if config is None:
-        if settings.run_id is not None:
-            raise SetupError(f"run {settings.run_id!r} is not published in the DHT; start it with --task")
-        config = RunConfig()
-    if config.run_id != run_id:
-        config = from_dict(RunConfig, {**to_dict(config), "run_id": run_id})
-    await publish_run_config_async(dht, run_id, to_dict(config), ttl=3600.0)
-    log.info("published the config of new run %s", run_id)
-    return config, True
-
-
 class PeerRuntime:
-    """One peer. See the module docstring for the life cycle."""
+    """One peer driven by a bundled task. See the module docstring for the life cycle."""
 
-    def __init__(self, settings: PeerSettings, config: RunConfig, identity: Identity, dht: Any) -> None:
-        self.settings = settings
-        self.config = config
-        self.identity = identity
-        self.dht = dht
-        self.peer_id = identity.peer_id
-        self.server: PeerServer | None = None
-        self.tasks: list[asyncio.Task[None]] = []
-        self.summary = RunSummary(self.peer_id, config.run_id)
-        self.metrics = PeerMetrics(self.peer_id, config.run_id)
+    def __init__(self, node: PeerNode) -> None:
+        self.node = node
+        self.settings = node.settings
+        self.config = node.config
+        self.peer_id = node.peer_id
+        self.summary = RunSummary(self.peer_id, node.config.run_id)
+        self.metrics = PeerMetrics(self.peer_id, node.config.run_id)
+        self.metrics_port: int | None = None
         self._peers_seen: set[str] = set()
         self._last_loss: float | None = None
-        self._closed = False
         self.stop_event = asyncio.Event()
 
-    # -- construction -------------------------------------------------------------------------
+    @property
+    def dht(self) -> Any:
+        return self.node.dht
+
+    @property
+    def info(self) -> Any:
+        return self.node.info
 
     @classmethod
     async def create(cls, settings: PeerSettings, config: RunConfig | None = None) -> PeerRuntime:
-        identity = (
-            Identity.load_or_create(settings.identity_path) if settings.identity_path else Identity.generate()
-        )
+        node = await PeerNode.create(settings, config)
+        self = cls(node)
         try:
-            dht = await start_dht_async(
-                settings.initial_peers,
-                host=settings.dht_host,
-                port=settings.dht_port,
-                client_mode=settings.client_mode,
-            )
-        except DHTError as exc:
-            raise SetupError(str(exc)) from exc
-        try:
-            run_config, _created = await _resolve_config(dht, settings, config)
-            self = cls(settings, run_config, identity, dht)
             await self._build()
-            return self
         except BaseException:
-            shutdown_dht(dht)
+            await node.close()
             raise
+        return self
 
     async def _build(self) -> None:
         cfg, s = self.config, self.settings
-        device = select_device(s.device)
-        self.task = get_task(cfg.task.name, device=device, **cfg.task.overrides)
+        self.task = get_task(cfg.task.name, device=select_device(s.device), **cfg.task.overrides)
         shard = (
             s.data_shard
             if s.data_shard is not None
             else int(self.peer_id.encode().hex(), 16) % s.num_data_shards
         )
-        model = self.task.make_model(cfg.seed)
         self.trainer = LocalTrainer(
             self.task,
-            model,
+            self.task.make_model(cfg.seed),
             self.task.batches(shard, max(s.num_data_shards, shard + 1), cfg.inner.batch_size, cfg.seed),
             local_steps=cfg.strategy.local_steps,
             inner=cfg.inner.optimizer,
@@ -237,72 +123,24 @@ class PeerRuntime:
             batch_size=cfg.inner.batch_size,
         )
         self.state = OuterState.create(self.trainer.get_flat())
-        self.strategy = make_strategy(cfg.strategy)
-        policy = AdmissionPolicy(swarm_key=s.swarm_key)
-        self.hub = ExchangeHub(
-            self.identity, cfg.run_id, config=HubConfig(max_pull_wait_s=cfg.rounds.exchange_timeout)
-        )
-        endpoint = ""
-        if not s.client_mode:
-            self.server = await PeerServer.start(
-                f"{s.host}:{s.port}",
-                identity=self.identity,
-                health=lambda: HealthInfo(run_id=cfg.run_id, round=self.state.round),
-            )
-            host = s.advertise_host or ("127.0.0.1" if s.host in ("0.0.0.0", "::", "[::]") else s.host)
-            endpoint = f"{host}:{self.server.port}"
-        self.info = peer_info(
-            self.identity, endpoint=endpoint, client_mode=s.client_mode, bandwidth_mbps=s.bandwidth_mbps
-        )
-        self.registry = SwarmRegistry(self.dht, cfg.run_id, ttl=s.peer_ttl)
-        self.matchmaker = Matchmaker(
-            self.dht,
-            self.identity,
-            cfg.run_id,
-            self.info,
-            total_numel=self.state.anchor.numel(),
-            config=MatchmakingConfig(
-                group_size=cfg.rounds.group_size,
-                timeout=cfg.rounds.matchmaking_timeout,
-                exchange_timeout=cfg.rounds.exchange_timeout,
-            ),
-            policy=policy,
-            channels=self.hub.channels,
-            registry=self.registry,
-        )
-        self.state_service = StateService(self.identity, self.info, cfg.run_id, to_dict(cfg), policy=policy)
-        if self.server is not None:
-            self.server.exchange = self.hub
-            self.server.groups = self.matchmaker
-            self.server.state = self.state_service
-        self.engine = RoundEngine(
-            self.strategy,
-            self.state,
-            self.hub,
-            self.matchmaker,
-            matchmaking_timeout=cfg.rounds.matchmaking_timeout,
-            exchange_timeout=cfg.rounds.exchange_timeout,
-            momentum_sync=cfg.momentum_sync,
-            averaging=cfg.averaging,
-        )
+        await self.node.start(self.state, make_strategy(cfg.strategy))
+        self.node.record_fn = self._record_fields
         self.store = (
             CheckpointStore(s.checkpoint_dir, every_rounds=s.checkpoint_every) if s.checkpoint_dir else None
         )
         if s.metrics_port is not None:
-            self.metrics_port: int | None = self.metrics.serve("127.0.0.1", s.metrics_port)
-        else:
-            self.metrics_port = None
+            self.metrics_port = self.metrics.serve("127.0.0.1", s.metrics_port)
         await self._enter()
-        self.state_service.publish(self.state.round, self.state.anchor, self.state.momentum)
-        await self._announce()
-        self.tasks.append(asyncio.create_task(self._announce_loop()))
+        self.node.go_live()
 
     async def _enter(self) -> None:
         """Resume from a checkpoint, or download the state from a live peer, or start fresh."""
         if self.settings.resume and self.store is not None:
             ckpt = self.store.load_latest(run_id=self.config.run_id)
             if ckpt is not None:
-                self._restore(ckpt.round, ckpt.anchor, ckpt.momentum)
+                if ckpt.anchor.numel() != self.state.anchor.numel():
+                    raise SetupError("the checkpoint's model size does not match this run's task settings")
+                self.node.restore(ckpt.round, ckpt.anchor, ckpt.momentum)
                 self.trainer.set_flat(ckpt.params)
                 if self.trainer.optimizer is not None and ckpt.optimizer_state:
                     self.trainer.optimizer.load_state_dict(ckpt.optimizer_state)
@@ -312,76 +150,24 @@ class PeerRuntime:
             log.info("--resume: no checkpoint in %s yet, joining as a new peer", self.settings.checkpoint_dir)
         await self._catch_up(min_lead=1)
 
-    def _restore(self, round: int, anchor: torch.Tensor, momentum: torch.Tensor) -> None:
-        if anchor.numel() != self.state.anchor.numel():
-            raise SetupError(
-                f"the swarm's model has {anchor.numel()} parameters, this peer's task builds "
-                f"{self.state.anchor.numel()}: task settings differ"
-            )
-        self.state.anchor.copy_(anchor.to(self.state.anchor.device))
-        self.state.momentum.copy_(momentum.to(self.state.momentum.device))
-        self.state.round = round
-        self.trainer.set_flat(self.state.anchor)
-
     async def _catch_up(self, min_lead: int) -> bool:
-        """Download the state from the most advanced live peer if it is ``min_lead`` rounds ahead."""
-        try:
-            others = [p for p in await self.registry.peers_async() if p.peer_id != self.peer_id]
-        except DHTError as exc:
-            log.warning("could not read the peer registry: %s", exc)
+        got = await self.node.fetch_ahead(min_lead)
+        if got is None:
             return False
-        ahead = sorted(
-            (p for p in others if p.endpoint and p.round >= self.state.round + min_lead),
-            key=lambda p: -p.round,
-        )
-        for rec in ahead[:3]:
-            try:
-                _received, snap = await download_state(
-                    self.hub.channels,
-                    rec.endpoint,
-                    identity=self.identity,
-                    peer_info=self.info,
-                    run_id=self.config.run_id,
-                    swarm_key=self.settings.swarm_key,
-                    expect_peer_id=rec.peer_id,
-                )
-            except StateDownloadError as exc:
-                log.warning("%s", exc)
-                continue
-            self._restore(snap.round, snap.anchor, snap.momentum)
-            self.summary.joined_from = rec.peer_id
-            log.info("downloaded the state of round %d from %s", snap.round, rec.peer_id[:8])
-            return True
-        return False
+        sender, snap = got
+        self.node.restore(snap.round, snap.anchor, snap.momentum)
+        self.trainer.set_flat(self.state.anchor)
+        self.summary.joined_from = sender
+        return True
 
-    # -- the loop ------------------------------------------------------------------------------
-
-    def _record(self) -> PeerRecord:
-        return PeerRecord(
-            peer_id=self.peer_id,
-            endpoint=self.info.endpoint,
-            public_key=self.identity.public_key.hex(),
-            version=__version__,
-            throughput=self.summary.samples / max(self.summary.wall_s, 1e-9),
-            bandwidth_mbps=self.settings.bandwidth_mbps,
-            round=self.state.round,
-            client_mode=self.settings.client_mode,
-            loss=self._last_loss,
-            bytes_sent=self.summary.bytes_sent,
-            bytes_received=self.summary.bytes_received,
-        )
-
-    async def _announce(self) -> None:
-        try:
-            await self.registry.announce_async(self._record())
-            await publish_run_config_async(self.dht, self.config.run_id, to_dict(self.config), ttl=3600.0)
-        except DHTError as exc:
-            log.warning("registry announce failed: %s", exc)
-
-    async def _announce_loop(self) -> None:
-        while not self._closed:
-            await asyncio.sleep(self.settings.announce_every)
-            await self._announce()
+    def _record_fields(self) -> dict[str, Any]:
+        s = self.summary
+        return {
+            "throughput": s.samples / max(s.wall_s, 1e-9),
+            "loss": self._last_loss,
+            "bytes_sent": s.bytes_sent,
+            "bytes_received": s.bytes_received,
+        }
 
     def evaluate(self) -> float:
         probe_params = self.trainer.get_flat()
@@ -425,7 +211,7 @@ class PeerRuntime:
                 max_seconds=cfg.rounds.max_seconds,
             )
             if not overlap:
-                report = await self.engine.sync(local.delta, local.samples)
+                report = await self.node.engine.sync(local.delta, local.samples)
                 self.trainer.set_flat(self.state.anchor)
                 await self._after_round(report, local, start, on_round)
                 continue
@@ -435,7 +221,10 @@ class PeerRuntime:
             # Carry this round's progress (Δ = S − θ) over onto the newest anchor, then send it.
             began = self.state.anchor - local.delta
             self.trainer.set_flat(began)
-            pending, pending_local = asyncio.create_task(self.engine.sync(local.delta, local.samples)), local
+            pending, pending_local = (
+                asyncio.create_task(self.node.engine.sync(local.delta, local.samples)),
+                local,
+            )
         if pending is not None:
             assert pending_local is not None
             await self._after_round(await pending, pending_local, start, on_round)
@@ -455,7 +244,7 @@ class PeerRuntime:
     ) -> None:
         """Book-keeping once round ``report.round`` was applied to the anchor."""
         summary = self.summary
-        self.state_service.publish(self.state.round, self.state.anchor, self.state.momentum)
+        self.node.publish_state()
         summary.rounds_completed += 1
         summary.samples += local.samples
         summary.compute_s += local.compute_s
@@ -475,30 +264,9 @@ class PeerRuntime:
             on_round(report, summary)
 
     async def _wait_for_peers(self) -> None:
-        want = self.settings.min_peers
-        if want <= 1:
+        if self.settings.min_peers <= 1:
             return
-        deadline = time.monotonic() + self.settings.start_timeout
-        delay = 0.1
-        while not self.stop_event.is_set():
-            try:
-                count = len(await self.registry.peers_async())
-            except DHTError as exc:
-                log.warning("registry read failed while waiting for peers: %s", exc)
-                count = 0
-            if count >= want:
-                log.info("%d peers in the swarm, starting", count)
-                return
-            if time.monotonic() >= deadline:
-                log.warning(
-                    "only %d of %d peers after %.0fs; starting anyway",
-                    count,
-                    want,
-                    self.settings.start_timeout,
-                )
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
+        await self.node.wait_for_peers(self.settings.min_peers, self.settings.start_timeout, self.stop_event)
         # A joiner that waited may now be behind the swarm.
         await self._catch_up(min_lead=1)
 
@@ -533,22 +301,7 @@ class PeerRuntime:
         )
         return self.store.save(ckpt)
 
-    # -- shutdown ------------------------------------------------------------------------------
-
     async def close(self) -> None:
         """Deregister, stop serving, shut the DHT (and its p2pd) down. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        for task in self.tasks:
-            task.cancel()
-        try:
-            await asyncio.wait_for(self.registry.withdraw_async(self.peer_id), timeout=5.0)
-        except (DHTError, TimeoutError) as exc:
-            log.warning("could not withdraw from the registry: %s", exc)
-        await self.matchmaker.close()
-        await self.hub.close()
-        if self.server is not None:
-            await self.server.stop(1.0)
         self.metrics.close()
-        await asyncio.to_thread(shutdown_dht, self.dht)
+        await self.node.close()

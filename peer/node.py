@@ -1,0 +1,330 @@
+"""The network side of one peer, whoever drives its local steps (the CLI runtime or a user's loop).
+
+A :class:`PeerNode` owns the identity, the DHT node, the run config, the gRPC server with its
+exchange / matchmaking / state-download handlers, the registry entry and the round engine. Create
+with ``await PeerNode.create(settings, config)``, then ``await node.start(state, strategy)``,
+always ``await node.close()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lioncub.optim.strategies import OuterState, SyncStrategy
+from lioncub.protocol import AdmissionPolicy, Identity
+
+from .config import ConfigError, RunConfig, from_dict, to_dict
+from .dht import (
+    DHTError,
+    PeerRecord,
+    SwarmRegistry,
+    fetch_run_config_async,
+    list_runs_async,
+    publish_run_config_async,
+    shutdown_dht,
+    start_dht_async,
+)
+from .exchange import ExchangeHub, HubConfig
+from .groups import peer_info
+from .matchmaking import Matchmaker, MatchmakingConfig
+from .rounds import RoundEngine
+from .server import HealthInfo, PeerServer
+from .state_service import Snapshot, StateDownloadError, StateService, download_state
+
+__all__ = ["PeerNode", "PeerSettings", "SetupError"]
+
+log = logging.getLogger(__name__)
+
+_CONFIG_TTL = 3600.0
+
+
+class SetupError(RuntimeError):
+    """The peer cannot start: no run to join, a bad config, an unreachable DHT. Says what to do."""
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    """This peer's local settings (not shared with the swarm).
+
+    Attributes:
+        initial_peers: multiaddrs of DHT nodes to join (empty: start a new swarm).
+        run_id: the run to join (default: the newest run in the DHT, or the config's).
+        host, port: where the gRPC server binds (port 0 = any free port).
+        advertise_host: the address others dial (default: ``host``, or 127.0.0.1 for 0.0.0.0).
+        dht_host, dht_port: where the DHT node listens.
+        client_mode: accept no connections (behind NAT); own no shard.
+        identity_path: Ed25519 key file (created 0600 if missing); None = a fresh key.
+        checkpoint_dir, checkpoint_every: periodic atomic checkpoints (None = off).
+        resume: start from the newest good checkpoint in ``checkpoint_dir``.
+        metrics_port: serve Prometheus metrics on 127.0.0.1:port (None = off, 0 = any port).
+        bandwidth_mbps: upload bandwidth to report (sizes this peer's shard).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        data_shard, num_data_shards: which slice of the data this peer reads.
+        eval_every, eval_batches: validation loss every N rounds (and at the start and the end).
+        announce_every, peer_ttl: how often the registry entry is refreshed and how long it lives.
+        swarm_key: shared secret for a closed swarm (None = open).
+        min_peers, start_timeout: before the first round, wait up to ``start_timeout`` seconds
+            until this many peers (this one included) are in the registry.
+    """
+
+    initial_peers: tuple[str, ...] = ()
+    run_id: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise_host: str | None = None
+    dht_host: str = "127.0.0.1"
+    dht_port: int = 0
+    client_mode: bool = False
+    identity_path: Path | None = None
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 10
+    resume: bool = False
+    metrics_port: int | None = None
+    bandwidth_mbps: float = 100.0
+    device: str = "auto"
+    data_shard: int | None = None
+    num_data_shards: int = 64
+    eval_every: int = 10
+    eval_batches: int = 8
+    announce_every: float = 2.0
+    peer_ttl: float = 8.0
+    swarm_key: bytes | None = None
+    min_peers: int = 1
+    start_timeout: float = 120.0
+
+
+async def _resolve_config(dht: Any, settings: PeerSettings, config: RunConfig | None) -> RunConfig:
+    """The run to take part in: the one published in the DHT, or ``config``, which is then published."""
+    run_id = settings.run_id or (config.run_id if config is not None else None)
+    if run_id is None:
+        runs = await list_runs_async(dht)
+        if not runs:
+            raise SetupError(
+                "no run found in the DHT to join; start one with --task (and optionally --config), "
+                "or pass --run-id"
+            )
+        run_id = runs[0]
+    doc = await fetch_run_config_async(dht, run_id)
+    if doc is not None:
+        try:
+            remote = from_dict(RunConfig, doc)
+        except ConfigError as exc:
+            raise SetupError(f"the run config published for {run_id!r} is invalid: {exc}") from exc
+        if config is not None and to_dict(config) != doc and config.run_id == run_id:
+            log.warning("run %s already exists; using its published config, not the local one", run_id)
+        return remote
+    if config is None:
+        if settings.run_id is not None:
+            raise SetupError(f"run {settings.run_id!r} is not published in the DHT; start it with --task")
+        config = RunConfig()
+    if config.run_id != run_id:
+        config = from_dict(RunConfig, {**to_dict(config), "run_id": run_id})
+    await publish_run_config_async(dht, run_id, to_dict(config), ttl=_CONFIG_TTL)
+    log.info("published the config of new run %s", run_id)
+    return config
+
+
+class PeerNode:
+    """Identity, DHT, server and round engine of one peer. See the module docstring."""
+
+    def __init__(self, settings: PeerSettings, config: RunConfig, identity: Identity, dht: Any) -> None:
+        self.settings = settings
+        self.config = config
+        self.identity = identity
+        self.dht = dht
+        self.peer_id = identity.peer_id
+        self.server: PeerServer | None = None
+        self.record_fn: Callable[[], dict[str, Any]] = dict
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    @classmethod
+    async def create(cls, settings: PeerSettings, config: RunConfig | None = None) -> PeerNode:
+        """Load the identity, join the DHT and settle the run config (publishing it if new)."""
+        identity = (
+            Identity.load_or_create(settings.identity_path) if settings.identity_path else Identity.generate()
+        )
+        try:
+            dht = await start_dht_async(
+                settings.initial_peers,
+                host=settings.dht_host,
+                port=settings.dht_port,
+                client_mode=settings.client_mode,
+            )
+        except DHTError as exc:
+            raise SetupError(str(exc)) from exc
+        try:
+            return cls(settings, await _resolve_config(dht, settings, config), identity, dht)
+        except BaseException:
+            shutdown_dht(dht)
+            raise
+
+    async def start(self, state: OuterState, strategy: SyncStrategy) -> None:
+        """Serve (unless in client mode) and build the matchmaker and the round engine for ``state``."""
+        cfg, s = self.config, self.settings
+        self.state = state
+        policy = AdmissionPolicy(swarm_key=s.swarm_key)
+        self.hub = ExchangeHub(
+            self.identity, cfg.run_id, config=HubConfig(max_pull_wait_s=cfg.rounds.exchange_timeout)
+        )
+        endpoint = ""
+        if not s.client_mode:
+            self.server = await PeerServer.start(
+                f"{s.host}:{s.port}",
+                identity=self.identity,
+                health=lambda: HealthInfo(run_id=cfg.run_id, round=self.state.round),
+            )
+            host = s.advertise_host or ("127.0.0.1" if s.host in ("0.0.0.0", "::", "[::]") else s.host)
+            endpoint = f"{host}:{self.server.port}"
+        self.info = peer_info(
+            self.identity, endpoint=endpoint, client_mode=s.client_mode, bandwidth_mbps=s.bandwidth_mbps
+        )
+        self.registry = SwarmRegistry(self.dht, cfg.run_id, ttl=s.peer_ttl)
+        self.matchmaker = Matchmaker(
+            self.dht,
+            self.identity,
+            cfg.run_id,
+            self.info,
+            total_numel=state.anchor.numel(),
+            config=MatchmakingConfig(
+                group_size=cfg.rounds.group_size,
+                timeout=cfg.rounds.matchmaking_timeout,
+                exchange_timeout=cfg.rounds.exchange_timeout,
+            ),
+            policy=policy,
+            channels=self.hub.channels,
+            registry=self.registry,
+        )
+        self.state_service = StateService(self.identity, self.info, cfg.run_id, to_dict(cfg), policy=policy)
+        if self.server is not None:
+            self.server.exchange = self.hub
+            self.server.groups = self.matchmaker
+            self.server.state = self.state_service
+        self.engine = RoundEngine(
+            strategy,
+            state,
+            self.hub,
+            self.matchmaker,
+            matchmaking_timeout=cfg.rounds.matchmaking_timeout,
+            exchange_timeout=cfg.rounds.exchange_timeout,
+            momentum_sync=cfg.momentum_sync,
+            averaging=cfg.averaging,
+        )
+
+    def go_live(self) -> None:
+        """Offer the current state to joiners and start refreshing the registry entry."""
+        self.publish_state()
+        self._tasks.append(asyncio.create_task(self._announce_loop()))
+
+    def publish_state(self) -> None:
+        self.state_service.publish(self.state.round, self.state.anchor, self.state.momentum)
+
+    def record(self) -> PeerRecord:
+        extra = self.record_fn()
+        return PeerRecord(
+            peer_id=self.peer_id,
+            endpoint=self.info.endpoint,
+            public_key=self.identity.public_key.hex(),
+            version=self.info.software_version,
+            bandwidth_mbps=self.settings.bandwidth_mbps,
+            round=self.state.round,
+            client_mode=self.settings.client_mode,
+            throughput=float(extra.get("throughput", 0.0)),
+            loss=extra.get("loss"),
+            bytes_sent=int(extra.get("bytes_sent", 0)),
+            bytes_received=int(extra.get("bytes_received", 0)),
+        )
+
+    async def announce(self) -> None:
+        try:
+            await self.registry.announce_async(self.record())
+            await publish_run_config_async(
+                self.dht, self.config.run_id, to_dict(self.config), ttl=_CONFIG_TTL
+            )
+        except DHTError as exc:
+            log.warning("registry announce failed: %s", exc)
+
+    async def _announce_loop(self) -> None:
+        while not self._closed:
+            await self.announce()
+            await asyncio.sleep(self.settings.announce_every)
+
+    async def fetch_ahead(self, min_lead: int) -> tuple[str, Snapshot] | None:
+        """The state of the most advanced live peer, if it is at least ``min_lead`` rounds ahead."""
+        try:
+            others = [p for p in await self.registry.peers_async() if p.peer_id != self.peer_id]
+        except DHTError as exc:
+            log.warning("could not read the peer registry: %s", exc)
+            return None
+        ahead = sorted(
+            (p for p in others if p.endpoint and p.round >= self.state.round + min_lead),
+            key=lambda p: -p.round,
+        )
+        for rec in ahead[:3]:
+            try:
+                _received, snap = await download_state(
+                    self.hub.channels,
+                    rec.endpoint,
+                    identity=self.identity,
+                    peer_info=self.info,
+                    run_id=self.config.run_id,
+                    swarm_key=self.settings.swarm_key,
+                    expect_peer_id=rec.peer_id,
+                )
+            except StateDownloadError as exc:
+                log.warning("%s", exc)
+                continue
+            if snap.anchor.numel() != self.state.anchor.numel():
+                raise SetupError(
+                    f"the swarm's model has {snap.anchor.numel()} parameters, this peer's has "
+                    f"{self.state.anchor.numel()}: task settings differ"
+                )
+            log.info("downloaded the state of round %d from %s", snap.round, rec.peer_id[:8])
+            return rec.peer_id, snap
+        return None
+
+    def restore(self, round: int, anchor: Any, momentum: Any) -> None:
+        """Adopt a snapshot (state download or checkpoint) as this peer's outer state."""
+        self.state.anchor.copy_(anchor.to(self.state.anchor.device))
+        self.state.momentum.copy_(momentum.to(self.state.momentum.device))
+        self.state.round = round
+
+    async def wait_for_peers(self, want: int, timeout: float, stop: asyncio.Event) -> int:
+        """Wait until ``want`` peers are in the registry (bounded by ``timeout``); return the count."""
+        deadline, delay, count = time.monotonic() + timeout, 0.1, 0
+        while not stop.is_set():
+            try:
+                count = len(await self.registry.peers_async())
+            except DHTError as exc:
+                log.warning("registry read failed while waiting for peers: %s", exc)
+            if count >= want or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        if count < want:
+            log.warning("only %d of %d peers after %.0fs; starting anyway", count, want, timeout)
+        return count
+
+    async def close(self) -> None:
+        """Deregister, stop serving, shut the DHT (and its p2pd) down. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        if hasattr(self, "registry"):
+            try:
+                await asyncio.wait_for(self.registry.withdraw_async(self.peer_id), timeout=5.0)
+            except (DHTError, TimeoutError) as exc:
+                log.warning("could not withdraw from the registry: %s", exc)
+            await self.matchmaker.close()
+            await self.hub.close()
+        if self.server is not None:
+            await self.server.stop(1.0)
+        await asyncio.to_thread(shutdown_dht, self.dht)
