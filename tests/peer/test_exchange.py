@@ -177,6 +177,7 @@ REDUCERS: dict[str, Reducer] = {
     "diloco-int8": make_strategy(StrategyConfig(name="diloco", delta_codec="int8")),
     "mean-fp16": MeanReducer("fp16"),
     "mean-int8": MeanReducer("int8"),
+    "mean-fp32": MeanReducer("fp32"),
 }
 
 #: Not a multiple of 64 (nor of 8): the last shard has a ragged tail.
@@ -263,7 +264,7 @@ def test_single_member_group_and_bounded_slots() -> None:
                 ]
                 assert torch.equal(out.update, reducer.decode(reducer.local_fallback(reducer.encode(vec), 7)))
                 assert out.complete and out.bytes_sent == out.bytes_received == 0
-            rounds = {key.round for key in me.hub._slots}
+            rounds = {key.round for key in me.hub.slot_keys}
             assert rounds == {4, 5} and me.hub.round == 5
 
     asyncio.run(body())

@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from lioncub.optim.codecs import get_codec
-from lioncub.peer._exchange_slots import SlotKey, SlotState
-from lioncub.peer.exchange import HubConfig, run_exchange
+from lioncub.peer.exchange import HubConfig, SlotKey, SlotState, run_exchange
 from lioncub.peer.server import CallInfo
 from lioncub.protocol import (
     MAX_CHUNK_BYTES,
@@ -78,7 +77,7 @@ def test_member_dies_mid_stream() -> None:
         async with await Swarm.start(4, config=config) as swarm:
             honest, victim = swarm.members[:3], swarm.members[3]
             assert victim.server is not None and honest[0].server is not None
-            plans = swarm.plans(1, NUMEL, deadline_s=1.5)
+            plans = swarm.plans(1, NUMEL, deadline_s=2.0)
             plan = plans[victim.peer_id]
             gen = torch.Generator().manual_seed(1)
             vecs = {m: torch.randn(NUMEL, generator=gen) for m in plan.members}
@@ -157,7 +156,7 @@ def test_member_that_never_answers_gives_bounded_completion() -> None:
             assert silent.server is not None
             handler = _Silent()
             silent.server.exchange = handler
-            plans = swarm.plans(1, NUMEL, deadline_s=1.0)
+            plans = swarm.plans(1, NUMEL, deadline_s=1.5)
             plan = plans[silent.peer_id]
             vecs = {m: torch.randn(NUMEL) for m in plan.members}
             weights = {m: 2 + i for i, m in enumerate(plan.members)}
@@ -166,7 +165,7 @@ def test_member_that_never_answers_gives_bounded_completion() -> None:
                 {m.peer_id: plans[m.peer_id] for m in honest}, "update", vecs, REDUCER, weights, timeout=30
             )
             elapsed = time.monotonic() - started
-            assert elapsed < 5, f"bounded by the group deadline (1 s + grace), took {elapsed:.2f} s"
+            assert elapsed < 10, f"bounded by the group deadline (1.5 s + grace), took {elapsed:.2f} s"
             assert handler.calls == 3  # every honest member tried to push to it
             expected = reference(REDUCER, plan, vecs, weights, contributors=[m.peer_id for m in honest])
             for peer_id, out in outcomes.items():
@@ -185,7 +184,7 @@ def test_late_sender_is_left_out_and_falls_back() -> None:
     async def body() -> None:
         async with await Swarm.start(3, client=(2,)) as swarm:
             a, b, late = swarm.members
-            plans = swarm.plans(1, 500, deadline_s=0.5)
+            plans = swarm.plans(1, 500, deadline_s=1.5)
             plan = plans[a.peer_id]
             vecs = {m: torch.randn(500) for m in plan.members}
             weights = dict.fromkeys(plan.members, 1)

@@ -336,4 +336,4 @@ def test_well_formed_random_requests(served: Served, data: st.DataObject) -> Non
 
 def test_server_is_still_healthy_after_the_garbage(served: Served) -> None:
     _assert_alive(served)
-    assert served.hub.round is not None and len(served.hub._slots) == 1  # old rounds were dropped
+    assert served.hub.round is not None and len(served.hub.slot_keys) == 1  # old rounds were dropped
