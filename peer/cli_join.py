@@ -19,6 +19,7 @@ from rich.console import Console
 from .config import ConfigError, RunConfig, load_run_config, to_dict
 from .dht import visible_maddrs
 from .logs import configure_logging
+from .progress import PeerProgress
 from .rounds import RoundReport
 from .runtime import PeerRuntime, PeerSettings, RunSummary, SetupError
 from .tasks import TASK_NAMES
@@ -186,9 +187,16 @@ async def _run(
                 "endpoint": runtime.info.endpoint,
             },
         )
-        summary = await runtime.run(
-            args.max_rounds, on_round=lambda rep, s: _on_round(args, console, rep, s, runtime)
+        bar = PeerProgress(
+            console,
+            total=args.max_rounds,
+            label=f"peer {runtime.peer_id[:8]}",
+            enabled=args.progress == "bar",
         )
+        with bar:
+            summary = await runtime.run(
+                args.max_rounds, on_round=lambda rep, s: _on_round(args, bar, rep, s, runtime)
+            )
     finally:
         await runtime.close()
     doc = summary.to_json()
@@ -210,9 +218,8 @@ def _emit(args: argparse.Namespace, event: dict[str, Any]) -> None:
 
 
 def _on_round(
-    args: argparse.Namespace, console: Console, rep: RoundReport, s: RunSummary, rt: PeerRuntime
+    args: argparse.Namespace, bar: PeerProgress, rep: RoundReport, s: RunSummary, rt: PeerRuntime
 ) -> None:
-    rate = s.bytes_sent / max(s.wall_s, 1e-9)
     if args.progress == "jsonl":
         _emit(
             args,
@@ -233,9 +240,12 @@ def _on_round(
             },
         )
     elif args.progress == "bar":
-        console.print(
-            f"round {rt.state.round:>5}  loss {rt._last_loss or float('nan'):.4f}  group {rep.group_size}  "
-            f"{rate / 1e3:8.1f} kB/s up  util {s.compute_utilization:.0%}"
+        bar.update(
+            round=rt.state.round,
+            loss=rt._last_loss,
+            group_size=rep.group_size,
+            bytes_sent=s.bytes_sent,
+            wall_s=s.wall_s,
         )
 
 

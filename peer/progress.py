@@ -66,3 +66,41 @@ class RoundProgress:
             val=self._val,
             rate=f"{rate / 1e3:.1f} kB/s/peer",
         )
+
+
+class PeerProgress:
+    """The ``join`` command's bar: round, loss, group size and upload rate of one peer."""
+
+    def __init__(self, console: Console, *, total: int | None, label: str, enabled: bool = True) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("round {task.completed:.0f}{task.fields[of]}"),
+            TextColumn("loss {task.fields[loss]}  group {task.fields[group]}  {task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not enabled,
+        )
+        self._task = self._progress.add_task(
+            label, total=total, of=f"/{total}" if total else "", loss="-", group="-", rate=""
+        )
+
+    def __enter__(self) -> PeerProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._progress.stop()
+
+    def update(
+        self, *, round: int, loss: float | None, group_size: int, bytes_sent: int, wall_s: float
+    ) -> None:
+        self._progress.update(
+            self._task,
+            completed=round,
+            loss="-" if loss is None else f"{loss:.4f}",
+            group=str(group_size),
+            rate=f"{bytes_sent / max(wall_s, 1e-9) / 1e3:.1f} kB/s up",
+        )
