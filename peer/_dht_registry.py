@@ -32,7 +32,7 @@ _HEX_RE = re.compile(r"(?:[0-9a-f]{2}){0,1024}")
 _VERSION_RE = re.compile(r"[\x21-\x7e]{1,64}")
 _MAX_FIELDS = 64
 _INT_FIELDS = ("round", "bytes_sent", "bytes_received")
-_FLOAT_LIMITS = {"throughput": 1e12, "bandwidth_mbps": 1e9, "last_seen": 1e11}
+_FLOAT_LIMITS = {"throughput": 1e12, "bandwidth_mbps": 1e9, "bytes_per_s": 1e12, "last_seen": 1e11}
 
 
 def _check_endpoint(endpoint: str, client_mode: bool) -> None:
@@ -74,6 +74,7 @@ class PeerRecord:
     loss: float | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
+    bytes_per_s: float = 0.0
     last_seen: float = 0.0
 
     def __post_init__(self) -> None:
@@ -115,9 +116,10 @@ class PeerRecord:
             raise ValueError(f"a peer record has {len(value)} fields; at most {_MAX_FIELDS} are accepted")
         fields = {}
         for field in dataclasses.fields(cls):
-            if field.name not in value:
+            if field.name in value:
+                fields[field.name] = value[field.name]
+            elif field.default is dataclasses.MISSING:
                 raise ValueError(f"a peer record lacks the field {field.name!r}")
-            fields[field.name] = value[field.name]
         return cls(**fields)
 
 

@@ -167,6 +167,7 @@ class PeerRuntime:
             "loss": self._last_loss,
             "bytes_sent": s.bytes_sent,
             "bytes_received": s.bytes_received,
+            "bytes_per_s": (s.bytes_sent + s.bytes_received) / max(s.wall_s, 1e-9),
         }
 
     def evaluate(self) -> float:
