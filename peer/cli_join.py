@@ -18,7 +18,7 @@ from rich.console import Console
 
 from .config import ConfigError, RunConfig, load_run_config, to_dict
 from .dht import visible_maddrs
-from .logs import configure_logging
+from .logs import configure_logging, peer_logger
 from .progress import PeerProgress
 from .rounds import RoundReport
 from .runtime import PeerRuntime, PeerSettings, RunSummary, SetupError
@@ -193,10 +193,15 @@ async def _run(
             label=f"peer {runtime.peer_id[:8]}",
             enabled=args.progress == "bar",
         )
-        with bar:
-            summary = await runtime.run(
-                args.max_rounds, on_round=lambda rep, s: _on_round(args, bar, rep, s, runtime)
-            )
+        plog = peer_logger("lioncub.peer", runtime.peer_id)
+        plog.set_round(runtime.state.round)
+
+        def on_round(rep: RoundReport, s: RunSummary) -> None:
+            plog.set_round(runtime.state.round)
+            _on_round(args, bar, rep, s, runtime)
+
+        with bar, plog.bind():
+            summary = await runtime.run(args.max_rounds, on_round=on_round)
     finally:
         await runtime.close()
     doc = summary.to_json()
@@ -237,6 +242,7 @@ def _on_round(
                 "missing": list(rep.missing_owners),
                 "synced": rep.momentum_synced,
                 "averaged": rep.averaged,
+                "consensus_distance": rep.consensus_distance,
             },
         )
     elif args.progress == "bar":

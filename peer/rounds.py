@@ -41,6 +41,7 @@ class RoundReport:
     exchange_s: float = 0.0
     momentum_synced: bool = False
     averaged: bool = False
+    consensus_distance: float | None = None
     failures: list[str] = field(default_factory=list)
 
 
@@ -96,6 +97,9 @@ class RoundEngine:
             if self.averaging.is_due(done):
                 reducer = MeanReducer(self.averaging.codec)
                 mean = await self._exchange(plan, "params", self.state.anchor, reducer, 1, report)
+                # This peer's distance to its group's mean anchor, before adopting it.
+                norm = float(mean.norm())
+                report.consensus_distance = float((self.state.anchor - mean).norm()) / norm if norm else 0.0
                 self.state.anchor.copy_(mean)
                 report.averaged = True
                 log.info("round %d: anchors averaged with %d peers", rnd, len(plan.members))

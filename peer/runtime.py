@@ -55,6 +55,7 @@ class RunSummary:
     anchor_sha256: str = ""
     joined_from: str | None = None
     resumed_round: int | None = None
+    consensus_distance: float | None = None
 
     @property
     def compute_utilization(self) -> float:
@@ -286,6 +287,9 @@ class PeerRuntime:
             m.record_momentum_sync()
         if report.averaged:
             m.record_averaging()
+        if report.consensus_distance is not None:
+            m.set_consensus_distance(report.consensus_distance)
+            self.summary.consensus_distance = report.consensus_distance
 
     def save_checkpoint(self) -> Path | None:
         if self.store is None:
