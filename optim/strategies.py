@@ -267,12 +267,12 @@ class LionCubL1Strategy(_SignStepStrategy):
         return self._tern.decode(result, torch.float32)
 
 
-class DilocoStrategy(SyncStrategy):
-    """DiLoCo: weighted mean of pseudo-gradients, then outer Nesterov SGD on the anchor."""
+class _MeanStrategy(SyncStrategy):
+    """Strategies whose group reduction is the weighted mean of float payloads in one codec."""
 
-    def __init__(self, config: StrategyConfig) -> None:
+    def __init__(self, config: StrategyConfig, codec_name: str) -> None:
         super().__init__(config)
-        self._codec = get_codec(config.delta_codec)
+        self._codec = get_codec(codec_name)
 
     @property
     def uplink(self) -> Codec:
@@ -287,6 +287,13 @@ class DilocoStrategy(SyncStrategy):
     def decode(self, result: Encoded) -> torch.Tensor:
         return self._codec.decode(result, torch.float32)
 
+
+class DilocoStrategy(_MeanStrategy):
+    """DiLoCo: weighted mean of pseudo-gradients, then outer Nesterov SGD on the anchor."""
+
+    def __init__(self, config: StrategyConfig) -> None:
+        super().__init__(config, config.delta_codec)
+
     def apply(self, state: OuterState, update: torch.Tensor, delta: torch.Tensor) -> None:
         cfg = self.config
         mu = cfg.outer_momentum
@@ -298,25 +305,11 @@ class DilocoStrategy(SyncStrategy):
         state.round += 1
 
 
-class AllReduceStrategy(SyncStrategy):
+class AllReduceStrategy(_MeanStrategy):
     """Data-parallel Lion: fp32 gradients every step, averaged, then one Lion step on the anchor."""
 
     def __init__(self, config: StrategyConfig) -> None:
-        super().__init__(config)
-        self._codec = get_codec("fp32")
-
-    @property
-    def uplink(self) -> Codec:
-        return self._codec
-
-    def downlink_bits(self, group_size: int) -> float:
-        return 32.0
-
-    def reduce(self, parts: Sequence[Encoded], weights: Sequence[int] | None = None) -> Encoded:
-        return self._codec.encode(weighted_mean(self._codec, parts, weights))
-
-    def decode(self, result: Encoded) -> torch.Tensor:
-        return self._codec.decode(result, torch.float32)
+        super().__init__(config, "fp32")
 
     def apply(self, state: OuterState, update: torch.Tensor, delta: torch.Tensor) -> None:
         cfg = self.config

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lioncub.optim.codecs import get_codec
 from lioncub.optim.partition import shard_bounds
+from lioncub.optim.reducers import MeanReducer, Reducer
 from lioncub.optim.schedules import SyncSchedule, consensus_distance
-from lioncub.optim.strategies import OuterState, StrategyConfig, SyncStrategy, make_strategy, weighted_mean
+from lioncub.optim.strategies import OuterState, StrategyConfig, make_strategy
 
 from .local import LocalTrainer, copy_into_params
 from .tasks import Task, get_task
@@ -154,37 +154,20 @@ def _groups(n: int, group_size: int, seed: int, rnd: int) -> list[list[int]]:
 
 
 def _exchange(
-    strategy: SyncStrategy, members: list[_Peer], vecs: list[torch.Tensor], weights: list[int]
+    reducer: Reducer, members: list[_Peer], vecs: list[torch.Tensor], weights: list[int]
 ) -> torch.Tensor:
-    """Reduce-scatter + all-gather of ``vecs`` among ``members``; returns the agreed update."""
-    n = len(members)
-    numel = vecs[0].numel()
-    bounds = shard_bounds(numel, [1.0] * n)
-    update = torch.empty(numel, dtype=torch.float32, device=vecs[0].device)
-    for owner, (lo, hi) in enumerate(bounds):
-        parts = [strategy.encode(v[lo:hi]) for v in vecs]
-        result = strategy.reduce(parts, weights)
-        update[lo:hi] = strategy.decode(result)
-        for m, peer in enumerate(members):
-            if m == owner:
-                peer.bytes_received += sum(p.nbytes for j, p in enumerate(parts) if j != owner)
-                peer.bytes_sent += (n - 1) * result.nbytes
-            else:
-                peer.bytes_sent += parts[m].nbytes
-                peer.bytes_received += result.nbytes
-    return update
+    """Reduce-scatter + all-gather of ``vecs`` among ``members``; returns the agreed vector.
 
-
-def _float_sync(members: list[_Peer], vecs: list[torch.Tensor], codec_name: str) -> torch.Tensor:
-    """Weighted-mean all-reduce of float vectors (momentum sync, anchor averaging)."""
-    codec = get_codec(codec_name)
+    Byte accounting: a member sends its slice of every other owner's shard and, as an owner, the
+    result to the n - 1 others; it receives the mirror image.
+    """
     n = len(members)
     numel = vecs[0].numel()
     out = torch.empty(numel, dtype=torch.float32, device=vecs[0].device)
     for owner, (lo, hi) in enumerate(shard_bounds(numel, [1.0] * n)):
-        parts = [codec.encode(v[lo:hi]) for v in vecs]
-        result = codec.encode(weighted_mean(codec, parts, None))
-        out[lo:hi] = codec.decode(result, torch.float32)
+        parts = [reducer.encode(v[lo:hi]) for v in vecs]
+        result = reducer.reduce(parts, weights)
+        out[lo:hi] = reducer.decode(result)
         for m, peer in enumerate(members):
             if m == owner:
                 peer.bytes_received += sum(p.nbytes for j, p in enumerate(parts) if j != owner)
@@ -254,12 +237,17 @@ def simulate(
         averaged = cfg.averaging.is_due(rnd)
         for group in _groups(cfg.peers, cfg.group_size, cfg.seed, rnd) if synced or averaged else []:
             members = [peers[i] for i in group]
+            ones = [1] * len(members)
             if synced:
-                mean_m = _float_sync(members, [p.state.momentum for p in members], cfg.momentum_sync.codec)
+                mean_m = _exchange(
+                    MeanReducer(cfg.momentum_sync.codec), members, [p.state.momentum for p in members], ones
+                )
                 for p in members:
                     p.state.momentum.copy_(mean_m)
             if averaged:
-                mean_a = _float_sync(members, [p.state.anchor for p in members], cfg.averaging.codec)
+                mean_a = _exchange(
+                    MeanReducer(cfg.averaging.codec), members, [p.state.anchor for p in members], ones
+                )
                 for p in members:
                     p.state.anchor.copy_(mean_a)
         for p in peers:
