@@ -28,7 +28,7 @@ from lioncub.peer.tasks import fetch_shakespeare
 VARIANTS: dict[str, dict[str, Any]] = {
     "allreduce": {"name": "allreduce"},
     "lioncub": {"name": "lioncub"},
-    "lioncub-avg": {"name": "lioncub", "reduction": "avg"},
+    "lioncub-avg": {"name": "lioncub", "reduction": "avg", "outer_lr": 1e-2},
     "lioncub-l1": {"name": "lioncub-l1"},
     "distributed-lion": {"name": "lioncub", "local_steps": 0, "outer_lr": 1e-3},
     "diloco": {"name": "diloco"},
@@ -42,7 +42,7 @@ def strategy_for(variant: str, local_steps: int, outer_lr: float | None) -> Stra
     base.update(spec)
     if "local_steps" not in spec and name != "allreduce":
         base["local_steps"] = local_steps
-    if outer_lr is not None and name in ("lioncub", "lioncub-l1") and variant != "distributed-lion":
+    if outer_lr is not None and name in ("lioncub", "lioncub-l1") and "outer_lr" not in spec:
         base["outer_lr"] = outer_lr
     return StrategyConfig(name=name, **base)
 
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="shakespeare-char")
     p.add_argument("--peers", type=int, nargs="+", default=[4, 8])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--rounds", type=int, default=40, help="rounds of local_steps steps each")
-    p.add_argument("--local-steps", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=20, help="rounds of local_steps steps each")
+    p.add_argument("--local-steps", type=int, default=16)
     p.add_argument("--outer-lr", type=float, default=None, help="override lioncub's outer lr")
     p.add_argument("--inner-lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)

@@ -71,8 +71,8 @@ class StrategyConfig:
     """
 
     name: str = "lioncub"
-    local_steps: int = 8
-    outer_lr: float = 1e-3
+    local_steps: int = 16
+    outer_lr: float = 8e-3
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.99

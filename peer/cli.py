@@ -29,10 +29,12 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("lioncub.peer.cli")
 
 #: Defaults that reached the convergence targets in bench/convergence.py (see bench/RESULTS.md).
+#: Measured on shakespeare-char, 4 peers, 320 steps per peer: lioncub H=16 / η_out=8e-3 ends 0.96%
+#: above data-parallel Lion's validation loss with 341x fewer bytes.
 STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lioncub": {"local_steps": 8, "outer_lr": 3e-3},
-    "lioncub-l1": {"local_steps": 8, "outer_lr": 3e-3, "levels": 2},
-    "diloco": {"local_steps": 8, "outer_lr": 0.7, "outer_momentum": 0.9},
+    "lioncub": {"local_steps": 16, "outer_lr": 8e-3},
+    "lioncub-l1": {"local_steps": 16, "outer_lr": 8e-3, "levels": 2},
+    "diloco": {"local_steps": 16, "outer_lr": 0.7, "outer_momentum": 0.9},
     "allreduce": {"local_steps": 0, "outer_lr": 1e-3},
 }
 
