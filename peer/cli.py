@@ -16,6 +16,7 @@ from rich.table import Table
 from lioncub.optim.schedules import SyncSchedule
 from lioncub.optim.strategies import STRATEGY_NAMES, StrategyConfig
 
+from .cli_health import add_health_parser, cmd_health
 from .cli_join import add_join_parser, cmd_join
 from .cli_launch import add_swarm_parser, cmd_swarm
 from .cli_swarm import add_dht_parser, add_status_parser, cmd_dht, cmd_status
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_swarm_parser(sub)
     add_dht_parser(sub)
     add_status_parser(sub)
+    add_health_parser(sub)
     return parser
 
 
@@ -245,6 +247,7 @@ _COMMANDS = {
     "swarm": cmd_swarm,
     "dht": cmd_dht,
     "status": cmd_status,
+    "health": cmd_health,
 }
 
 

@@ -49,6 +49,9 @@ def add_join_parser(sub: Any) -> None:
     p.add_argument("--max-rounds", type=int, default=None, help="stop after this many rounds of the run")
     p.add_argument("--summary", type=Path, default=None, help="write a JSON summary here at the end")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics (0 = any port)")
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1", help="metrics listen address (0.0.0.0 in containers)"
+    )
     p.add_argument("--client-mode", action="store_true", help="behind NAT: accept no connections")
     p.add_argument(
         "--resume", action="store_true", help="resume from the newest checkpoint in --checkpoint-dir"
@@ -60,6 +63,7 @@ def add_join_parser(sub: Any) -> None:
     p.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port)")
     p.add_argument("--advertise-host", default=None, help="address other peers dial (default: --host)")
     p.add_argument("--dht-host", default="127.0.0.1", help="DHT listen address")
+    p.add_argument("--dht-port", type=int, default=0, help="DHT listen port (0 = any free port)")
     p.add_argument("--bandwidth", type=float, default=100.0, help="upload Mbit/s to report")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument(
@@ -95,6 +99,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig | None:
 def settings_from_args(args: argparse.Namespace) -> PeerSettings:
     for name, value, low, high in (
         ("--port", args.port, 0, 65535),
+        ("--dht-port", args.dht_port, 0, 65535),
         ("--checkpoint-every", args.checkpoint_every, 1, 10**9),
         ("--num-data-shards", args.num_data_shards, 1, 1 << 20),
         ("--eval-every", args.eval_every, 0, 10**9),
@@ -125,12 +130,14 @@ def settings_from_args(args: argparse.Namespace) -> PeerSettings:
         port=args.port,
         advertise_host=args.advertise_host,
         dht_host=args.dht_host,
+        dht_port=args.dht_port,
         client_mode=args.client_mode,
         identity_path=args.identity,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         bandwidth_mbps=args.bandwidth,
         device=args.device,
         data_shard=args.data_shard,

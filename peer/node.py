@@ -62,7 +62,8 @@ class PeerSettings:
         identity_path: Ed25519 key file (created 0600 if missing); None = a fresh key.
         checkpoint_dir, checkpoint_every: periodic atomic checkpoints (None = off).
         resume: start from the newest good checkpoint in ``checkpoint_dir``.
-        metrics_port: serve Prometheus metrics on 127.0.0.1:port (None = off, 0 = any port).
+        metrics_port: serve Prometheus metrics on ``metrics_host``:port (None = off, 0 = any port).
+        metrics_host: the address the metrics exporter binds (``0.0.0.0`` to be scraped from outside).
         bandwidth_mbps: upload bandwidth to report (sizes this peer's shard).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         data_shard, num_data_shards: which slice of the data this peer reads.
@@ -86,6 +87,7 @@ class PeerSettings:
     checkpoint_every: int = 10
     resume: bool = False
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     bandwidth_mbps: float = 100.0
     device: str = "auto"
     data_shard: int | None = None

@@ -130,7 +130,7 @@ class PeerRuntime:
             CheckpointStore(s.checkpoint_dir, every_rounds=s.checkpoint_every) if s.checkpoint_dir else None
         )
         if s.metrics_port is not None:
-            self.metrics_port = self.metrics.serve("127.0.0.1", s.metrics_port)
+            self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
         await self._enter()
         self.node.go_live()
 
