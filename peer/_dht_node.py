@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -143,8 +144,24 @@ def start_dht(
             raise _start_error(peers, listen, startup_timeout, e) from e
         raise
     _make_request_pipe_blocking(dht)
+    # Keep the future alive with the node: dropping it could cancel the watchdog in the child.
+    dht._lioncub_watchdog = submit_coroutine(dht, _exit_with_parent)  # type: ignore[attr-defined]
     logger.info("DHT node %s started (listen address %s)", dht.peer_id, listen)
     return dht
+
+
+async def _exit_with_parent(_dht: DHT, node: Any) -> None:
+    """Runs inside the DHT process: leave (and take p2pd along) when the process that forked it dies.
+
+    hivemind's DHT process never notices its parent's death (it inherited the write end of its own
+    request pipe), so a SIGKILLed peer would leave its DHT process and p2pd running forever.
+    """
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(node.shutdown(), timeout=5.0)
+    os._exit(0)
 
 
 def _make_request_pipe_blocking(dht: DHT) -> None:

@@ -161,6 +161,8 @@ async def _run(
     args: argparse.Namespace, settings: PeerSettings, config: RunConfig | None, console: Console
 ) -> int:
     runtime = await PeerRuntime.create(settings, config)
+    if args.progress == "jsonl":
+        console = Console(stderr=True)  # stdout carries only JSON events
     loop = asyncio.get_running_loop()
     hits = 0
 

@@ -23,6 +23,7 @@ from lioncub.optim.strategies import OuterState, make_strategy
 
 from .checkpoint import Checkpoint, CheckpointStore
 from .config import RunConfig, to_dict
+from .dht import DHTError
 from .local import LocalResult, LocalTrainer
 from .metrics import PeerMetrics
 from .node import PeerNode, PeerSettings, SetupError
@@ -84,6 +85,7 @@ class PeerRuntime:
         self.metrics_port: int | None = None
         self._peers_seen: set[str] = set()
         self._last_loss: float | None = None
+        self._last_alone = False
         self.stop_event = asyncio.Event()
 
     @property
@@ -151,6 +153,16 @@ class PeerRuntime:
             log.info("--resume: no checkpoint in %s yet, joining as a new peer", self.settings.checkpoint_dir)
         await self._catch_up(min_lead=1)
 
+    async def _behind(self, min_lead: int) -> bool:
+        """Whether some reachable peer is at least ``min_lead`` rounds ahead of this one."""
+        try:
+            peers = await self.node.registry.peers_async()
+        except DHTError:
+            return False
+        return any(
+            p.endpoint and p.round >= self.state.round + min_lead for p in peers if p.peer_id != self.peer_id
+        )
+
     async def _catch_up(self, min_lead: int) -> bool:
         got = await self.node.fetch_ahead(min_lead)
         if got is None:
@@ -203,10 +215,21 @@ class PeerRuntime:
             planned = self.state.round + (1 if pending is not None else 0)
             return not self.stop_event.is_set() and (max_rounds is None or planned < max_rounds)
 
+        next_check = 0.0
         while more():
-            if pending is None and summary.rounds_completed and await self._catch_up(min_lead=2):
-                log.warning("fell behind the swarm; jumped to round %d", self.state.round)
-                began = self.state.anchor.clone()
+            # Rate-limited: did the swarm get ahead (2 rounds, or 1 after a round alone)?
+            if summary.rounds_completed and time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.settings.announce_every
+                lead = 1 if self._last_alone else 2
+                if await self._behind(lead):
+                    if pending is not None:
+                        assert pending_local is not None
+                        await self._after_round(await pending, pending_local, start, on_round)
+                        pending = None
+                    if await self._catch_up(min_lead=lead):
+                        log.warning("fell behind the swarm; jumped to round %d", self.state.round)
+                        began = self.state.anchor.clone()
+                        self.trainer.set_flat(began)
             local = await asyncio.to_thread(
                 self.trainer.run_round,
                 began if overlap else self.state.anchor,
@@ -231,6 +254,8 @@ class PeerRuntime:
             assert pending_local is not None
             await self._after_round(await pending, pending_local, start, on_round)
             self.trainer.set_flat(self.state.anchor)
+        if self.store is not None and summary.rounds_completed:
+            await asyncio.to_thread(self.save_checkpoint)  # a graceful stop loses no round
         summary.final_loss = await asyncio.to_thread(self.evaluate)
         summary.wall_s = time.perf_counter() - start
         summary.peers_seen = sorted(self._peers_seen)
@@ -257,6 +282,7 @@ class PeerRuntime:
         summary.rounds_alone += report.group_size <= 1
         self._peers_seen.update(m for m in report.group_members if m != self.peer_id)
         self._last_loss = local.loss
+        self._last_alone = report.group_size <= 1
         self._update_metrics(report, local.loss, local.samples)
         if self.settings.eval_every and self.state.round % self.settings.eval_every == 0:
             self.metrics.set_val_loss(await asyncio.to_thread(self.evaluate))
