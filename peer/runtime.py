@@ -220,7 +220,8 @@ class PeerRuntime:
             # Rate-limited: did the swarm get ahead (2 rounds, or 1 after a round alone)?
             if summary.rounds_completed and time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.settings.announce_every
-                lead = 1 if self._last_alone else 2
+                # Gossip peers may differ by a round; with everyone in one group, alone means behind.
+                lead = 1 if self._last_alone and cfg.rounds.group_size == 0 else 2
                 if await self._behind(lead):
                     if pending is not None:
                         assert pending_local is not None
