@@ -218,7 +218,10 @@ class PeerRuntime:
         next_check = 0.0
         while more():
             # Rate-limited: did the swarm get ahead (2 rounds, or 1 after a round alone)?
-            if summary.rounds_completed and time.monotonic() >= next_check:
+            # Gossip peers legitimately drift by a round or two while an exchange is in flight, and
+            # a jump there would cost them their own progress: they only catch up between exchanges.
+            settled = pending is None or cfg.rounds.group_size == 0
+            if settled and summary.rounds_completed and time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.settings.announce_every
                 # Gossip peers may differ by a round; with everyone in one group, alone means behind.
                 lead = 1 if self._last_alone and cfg.rounds.group_size == 0 else 2
