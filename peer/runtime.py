@@ -222,7 +222,7 @@ class PeerRuntime:
             # a jump there would cost them their own progress: they only catch up between exchanges.
             settled = pending is None or cfg.rounds.group_size == 0
             if settled and summary.rounds_completed and time.monotonic() >= next_check:
-                next_check = time.monotonic() + self.settings.announce_every
+                next_check = time.monotonic() + 0.5  # a registry read costs ~10 ms
                 # Gossip peers may differ by a round; with everyone in one group, alone means behind.
                 lead = 1 if self._last_alone and cfg.rounds.group_size == 0 else 2
                 if await self._behind(lead):
