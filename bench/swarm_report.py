@@ -204,9 +204,9 @@ def _round(x: float | None, digits: int = 0) -> float | None:
 
 
 def add_ratios(results: dict[str, dict[str, Any]]) -> None:
-    """Speed-ups (time to target) vs allreduce and diloco, and bytes ratios vs diloco, in place."""
+    """Speed-ups (time to target) and bytes ratios vs allreduce and the diloco variants, in place."""
     for ours in results.values():
-        for base_name in ("allreduce", "diloco"):
+        for base_name in ("allreduce", "diloco", "diloco-adamw"):
             base = results.get(base_name)
             if base is None:
                 continue

@@ -106,6 +106,18 @@ VARIANTS: dict[str, Variant] = {
             ),
         ),
         Variant(
+            "diloco-adamw",
+            "DiLoCo as published: AdamW inner steps (lr 1e-3), fp16 pseudo-gradients, outer Nesterov",
+            (
+                "strategy.name=diloco",
+                "strategy.local_steps={H}",
+                "strategy.outer_lr=0.7",
+                "strategy.delta_codec=fp16",
+                "inner.optimizer=adamw",
+                "inner.lr=1e-3",
+            ),
+        ),
+        Variant(
             "hivemind",
             "hivemind.Optimizer, stock settings, fp16 gradient compression (external anchor)",
             local_steps=False,
