@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 2 <= args.peers <= 32:
         print("error: --peers must be in [2, 32]", file=sys.stderr)
         return 2
-    out_dir = args.out or _REPO / "bench" / "out" / f"swarm-{profile.name}"
+    out_dir = args.out or _REPO / "bench" / "out" / ("swarm-quick" if args.quick else f"swarm-{profile.name}")
     json_path = args.json or out_dir / "results.json"
     plot_path = args.plot or json_path.with_suffix(".png")
     cfg = BenchConfig(
