@@ -43,10 +43,12 @@ from bench.netem import NetemError, unavailable_reason
 from bench.profiles import PROFILES, get_profile
 from bench.swarm_report import add_ratios, markdown_table, plot, summarize
 from bench.swarm_run import VARIANTS, BenchConfig, run_strategy
+from lioncub.peer.cli import STRATEGY_DEFAULTS
 
 __all__ = ["main"]
 
 _REPO = Path(__file__).resolve().parents[1]
+_DEFAULTS = STRATEGY_DEFAULTS["lioncub"]  # the project's lioncub defaults (from its convergence sweep)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,7 +67,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rounds", type=int, default=None, help="rounds of the local-step strategies")
     p.add_argument("--budget-s", type=float, default=None, help="training seconds per strategy")
     p.add_argument("--stop-at-target", action="store_true", help="stop a strategy once it reaches the target")
-    p.add_argument("--local-steps", type=int, default=8)
+    p.add_argument(
+        "--local-steps",
+        type=int,
+        default=None,
+        help=f"local steps per round of lioncub* and diloco* (default: the project's, {_DEFAULTS['local_steps']})",
+    )
+    p.add_argument(
+        "--lioncub-outer-lr",
+        type=float,
+        default=None,
+        help=f"outer lr of lioncub, lioncub-avg, lioncub-l1 (default: the project's, {_DEFAULTS['outer_lr']})",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=None, help="smoothing window, samples (default 16 batches)")
@@ -113,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         task=args.task,
         seed=args.seed,
         batch_size=args.batch_size,
-        local_steps=args.local_steps,
+        local_steps=args.local_steps if args.local_steps is not None else int(_DEFAULTS["local_steps"]),
         max_rounds=args.max_rounds,
         budget_s=args.budget_s if args.budget_s is not None else 180.0,
         target_loss=args.target_loss if args.target_loss is not None else 2.6,
@@ -122,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir=out_dir,
         extra_sets=tuple(args.set),
         val_every=args.val_every if args.val_every is not None else 2,
+        lioncub_outer_lr=args.lioncub_outer_lr or float(_DEFAULTS["outer_lr"]),
     )
     if min(cfg.local_steps, cfg.batch_size) < 1 or cfg.budget_s <= 0 or cfg.val_every < 0:
         print(
@@ -178,6 +192,7 @@ def _document(
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
         "local_steps": cfg.local_steps,
+        "lioncub_outer_lr": cfg.lioncub_outer_lr,
         "max_rounds": cfg.max_rounds,
         "budget_s": cfg.budget_s,
         "target_loss": cfg.target_loss,

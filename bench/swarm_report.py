@@ -137,6 +137,7 @@ def summarize(run: StrategyRun, cfg: BenchConfig) -> dict[str, Any]:
         "stopped_by": run.stopped_by,
         "errors": run.errors,
         "exit_codes": run.exit_codes,
+        "code_version": run.code_version,
         "setup_s": round(run.setup_s, 2),
         "train_s": round(run.elapsed_s, 2),
         "time_to_target_s": None if hit is None else round(hit.t, 2),

@@ -48,7 +48,8 @@ class Variant:
     Attributes:
         name: the bench's name for it.
         description: one line for the results.
-        sets: ``--set`` overrides for ``lioncub-peer join`` (``{H}`` = the bench's local steps).
+        sets: ``--set`` overrides for ``lioncub-peer join`` (``{H}`` = the bench's local steps,
+            ``{LR}`` = its lioncub outer learning rate).
         local_steps: whether it takes ``--local-steps`` steps per round (else one gradient per round).
         runner: ``lioncub`` (``lioncub-peer join``) or ``hivemind`` (``bench/hivemind_peer.py``).
     """
@@ -72,7 +73,7 @@ VARIANTS: dict[str, Variant] = {
         Variant(
             "lioncub",
             "1-bit signs, weighted majority vote (mavo)",
-            ("strategy.name=lioncub", "strategy.local_steps={H}", "strategy.outer_lr=3e-3"),
+            ("strategy.name=lioncub", "strategy.local_steps={H}", "strategy.outer_lr={LR}"),
         ),
         Variant(
             "lioncub-avg",
@@ -80,14 +81,14 @@ VARIANTS: dict[str, Variant] = {
             (
                 "strategy.name=lioncub",
                 "strategy.local_steps={H}",
-                "strategy.outer_lr=3e-3",
+                "strategy.outer_lr={LR}",
                 "strategy.reduction=avg",
             ),
         ),
         Variant(
             "lioncub-l1",
             "Lion-Cub p-bit L1-scaled levels",
-            ("strategy.name=lioncub-l1", "strategy.local_steps={H}", "strategy.outer_lr=3e-3"),
+            ("strategy.name=lioncub-l1", "strategy.local_steps={H}", "strategy.outer_lr={LR}"),
         ),
         Variant(
             "distributed-lion",
@@ -147,6 +148,7 @@ class BenchConfig:
     stop_grace_s: float = 45.0
     extra_sets: tuple[str, ...] = ()
     val_every: int = 0
+    lioncub_outer_lr: float = 8e-3
 
     def checkpoint_every(self, variant: Variant) -> int:
         """Rounds between peer 0's checkpoints (equal samples for every strategy); 0 = none."""
@@ -173,6 +175,7 @@ class StrategyRun:
     load_after: list[float] = field(default_factory=list)
     snapshots: list[Path] = field(default_factory=list)
     t0_unix: float = 0.0
+    code_version: str = ""
 
 
 # ----------------------------------------------------------------------------------- processes
@@ -219,7 +222,10 @@ def _peer_argv(variant: Variant, cfg: BenchConfig, i: int, addr: str, host: str,
         return argv
     argv = [sys.executable, "-m", "lioncub.peer.cli", "join", "--dht", addr, "--task", cfg.task]
     sets = [f"seed={cfg.seed}", f"inner.batch_size={cfg.batch_size}"]
-    sets += [s.replace("{H}", str(cfg.local_steps)) for s in variant.sets]
+    sets += [
+        s.replace("{H}", str(cfg.local_steps)).replace("{LR}", repr(cfg.lioncub_outer_lr))
+        for s in variant.sets
+    ]
     sets += list(cfg.extra_sets)
     for item in sets:
         argv += ["--set", item]
@@ -232,6 +238,26 @@ def _peer_argv(variant: Variant, cfg: BenchConfig, i: int, addr: str, host: str,
     if i == 0 and every:
         argv += ["--checkpoint-dir", str(_ckpt_dir(cfg, variant)), "--checkpoint-every", str(every)]
     return argv
+
+
+def _code_version() -> str:
+    """``git describe``-like id of the checkout the peers import (``+dirty`` with local changes)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(_REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(_REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
 
 
 def _ckpt_dir(cfg: BenchConfig, variant: Variant) -> Path:
@@ -253,7 +279,9 @@ def _harvest(src: Path, dst: Path, run: StrategyRun) -> None:
 
 def run_strategy(variant: Variant, cfg: BenchConfig, log: IO[str]) -> StrategyRun:
     """Run one strategy in a fresh namespace swarm; always tears the swarm down."""
-    run = StrategyRun(variant.name, load_before=[round(x, 2) for x in os.getloadavg()])
+    run = StrategyRun(
+        variant.name, load_before=[round(x, 2) for x in os.getloadavg()], code_version=_code_version()
+    )
     out = cfg.out_dir / variant.name
     for stale in (out / "ckpt", out / "val"):
         shutil.rmtree(stale, ignore_errors=True)
