@@ -243,6 +243,7 @@ def _on_round(
                 "round": rt.state.round,
                 "loss": rt._last_loss,
                 "group_size": rep.group_size,
+                "group": list(rep.group_members),
                 "bytes_sent": s.bytes_sent,
                 "bytes_received": s.bytes_received,
                 "wall_s": s.wall_s,

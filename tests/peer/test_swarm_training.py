@@ -108,5 +108,16 @@ def test_gossip_groups_of_two_and_averaging_keeps_anchors_together(tmp_path: Pat
             else:
                 assert averaged_after == []
         distance[label] = consensus_distance(_final_anchors(tmp_path / label, rounds))
+        digest = {p.peer_id: summaries[label][p.name]["anchor_sha256"] for p in peers[label]}
+        if not avg:
+            continue
+        # Every group that averaged in the last round left its members on one bit-identical anchor.
+        finals = [p.rounds()[-1] for p in peers[label]]
+        assert any(e["averaged"] for e in finals), "no group averaged in the last round"
+        for p, last in zip(peers[label], finals, strict=True):
+            if last["averaged"] and not last["missing"]:
+                together = {digest[m] for m in last["group"]}
+                assert together == {digest[p.peer_id]}, f"{p.name}: group {last['group']} averaged apart"
     assert distance["plain"] > 0, "gossip groups of two without averaging should leave the anchors apart"
-    assert distance["averaged"] < 0.5 * distance["plain"], f"consensus distance by run: {distance}"
+    # The size of the gap varies from run to run (who met whom); its direction does not.
+    assert distance["averaged"] < distance["plain"], f"consensus distance by run: {distance}"
