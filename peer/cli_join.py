@@ -52,7 +52,17 @@ def add_join_parser(sub: Any) -> None:
     p.add_argument(
         "--metrics-host", default="127.0.0.1", help="metrics listen address (0.0.0.0 in containers)"
     )
-    p.add_argument("--client-mode", action="store_true", help="behind NAT: accept no connections")
+    p.add_argument(
+        "--client-mode",
+        action="store_true",
+        help="behind NAT: accept no connections (detected by itself unless --no-reachability-check)",
+    )
+    p.add_argument(
+        "--no-reachability-check",
+        dest="reachability_check",
+        action="store_false",
+        help="do not ask other peers to dial this one back before going live (never switch to client mode)",
+    )
     p.add_argument(
         "--resume", action="store_true", help="resume from the newest checkpoint in --checkpoint-dir"
     )
@@ -132,6 +142,7 @@ def settings_from_args(args: argparse.Namespace) -> PeerSettings:
         dht_host=args.dht_host,
         dht_port=args.dht_port,
         client_mode=args.client_mode,
+        reachability_check=args.reachability_check,
         identity_path=args.identity,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
@@ -177,7 +188,9 @@ async def _run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     try:
-        maddrs = visible_maddrs(runtime.dht) if not settings.client_mode else []
+        maddrs = visible_maddrs(runtime.dht) if not runtime.node.client_mode else []
+        if runtime.node.client_mode and not settings.client_mode and args.progress != "jsonl":
+            console.print("[yellow]no peer could dial this one back: taking part in client mode[/]")
         if maddrs and args.progress != "jsonl":
             console.print(
                 f"peer {runtime.peer_id[:8]} in run [bold]{runtime.config.run_id}[/]; others join with:"
@@ -194,6 +207,7 @@ async def _run(
                 "maddrs": maddrs,
                 "round": runtime.state.round,
                 "endpoint": runtime.info.endpoint,
+                "client_mode": runtime.node.client_mode,
             },
         )
         bar = PeerProgress(

@@ -33,6 +33,7 @@ from .dht import (
 from .exchange import ExchangeHub, HubConfig
 from .groups import peer_info
 from .matchmaking import Matchmaker, MatchmakingConfig
+from .reachability import DialBack, Reachability, probe_reachability
 from .rounds import RoundEngine
 from .server import HealthInfo, PeerServer
 from .state_service import Snapshot, StateDownloadError, StateService, download_state
@@ -59,6 +60,9 @@ class PeerSettings:
         advertise_host: the address others dial (default: ``host``, or 127.0.0.1 for 0.0.0.0).
         dht_host, dht_port: where the DHT node listens.
         client_mode: accept no connections (behind NAT); own no shard.
+        reachability_check: before going live, ask up to three reachable peers to dial this
+            peer's server back (:mod:`lioncub.peer.reachability`); when none can, switch to
+            client mode by itself. Ignored with ``client_mode``.
         identity_path: Ed25519 key file (created 0600 if missing); None = a fresh key.
         checkpoint_dir, checkpoint_every: periodic atomic checkpoints (None = off).
         resume: start from the newest good checkpoint in ``checkpoint_dir``.
@@ -82,6 +86,7 @@ class PeerSettings:
     dht_host: str = "127.0.0.1"
     dht_port: int = 0
     client_mode: bool = False
+    reachability_check: bool = True
     identity_path: Path | None = None
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 10
@@ -142,6 +147,9 @@ class PeerNode:
         self.dht = dht
         self.peer_id = identity.peer_id
         self.server: PeerServer | None = None
+        #: Whether this peer takes part as a client (set, or detected by :meth:`start`).
+        self.client_mode = settings.client_mode
+        self.reachability: Reachability | None = None
         self.record_fn: Callable[[], dict[str, Any]] = dict
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -176,18 +184,22 @@ class PeerNode:
             self.identity, cfg.run_id, config=HubConfig(max_pull_wait_s=cfg.rounds.exchange_timeout)
         )
         endpoint = ""
-        if not s.client_mode:
+        self.registry = SwarmRegistry(self.dht, cfg.run_id, ttl=s.peer_ttl)
+        if not self.client_mode:
             self.server = await PeerServer.start(
                 f"{s.host}:{s.port}",
                 identity=self.identity,
                 health=lambda: HealthInfo(run_id=cfg.run_id, round=self.state.round),
             )
+            self.server.reachability = DialBack()
             host = s.advertise_host or ("127.0.0.1" if s.host in ("0.0.0.0", "::", "[::]") else s.host)
             endpoint = f"{host}:{self.server.port}"
+            if s.reachability_check and not await self._reachable(self.server.port):
+                await self._become_client()
+                endpoint = ""
         self.info = peer_info(
-            self.identity, endpoint=endpoint, client_mode=s.client_mode, bandwidth_mbps=s.bandwidth_mbps
+            self.identity, endpoint=endpoint, client_mode=self.client_mode, bandwidth_mbps=s.bandwidth_mbps
         )
-        self.registry = SwarmRegistry(self.dht, cfg.run_id, ttl=s.peer_ttl)
         self.matchmaker = Matchmaker(
             self.dht,
             self.identity,
@@ -219,6 +231,48 @@ class PeerNode:
             averaging=cfg.averaging,
         )
 
+    async def _reachable(self, port: int) -> bool:
+        """False only when every reachable peer that answered failed to dial ``port`` back."""
+        try:
+            others = [
+                p.endpoint
+                for p in await self.registry.peers_async()
+                if p.peer_id != self.peer_id and p.endpoint and not p.client_mode
+            ]
+        except DHTError as exc:
+            log.warning("could not read the registry for a reachability check: %s", exc)
+            return True
+        if not others:
+            log.info("no other reachable peer yet: assuming this one is reachable")
+            return True
+        self.reachability = await probe_reachability(others, port=port, peer_id=self.peer_id)
+        verdict = self.reachability
+        if verdict.reachable is None:
+            log.info("no peer answered the reachability check: assuming this one is reachable")
+        elif verdict.reachable:
+            log.info("reachable: a peer dialled back %s:%d", verdict.observed_host, port)
+        else:
+            reasons = "; ".join(f"{e}: {d}" for e, _, d in verdict.answers)
+            log.warning("not reachable from the swarm (%s): switching to client mode", reasons)
+        return verdict.reachable is not False
+
+    async def _become_client(self) -> None:
+        """Stop serving and rejoin the DHT as a client (it must not be asked to store records)."""
+        assert self.server is not None
+        await self.server.stop(None)
+        self.server = None
+        self.client_mode = True
+        s = self.settings
+        old, self.dht = self.dht, None
+        await asyncio.to_thread(shutdown_dht, old)
+        try:
+            self.dht = await start_dht_async(
+                s.initial_peers, host=s.dht_host, port=s.dht_port, client_mode=True
+            )
+        except DHTError as exc:
+            raise SetupError(f"could not rejoin the DHT in client mode: {exc}") from exc
+        self.registry = SwarmRegistry(self.dht, self.config.run_id, ttl=s.peer_ttl)
+
     def go_live(self) -> None:
         """Offer the current state to joiners and start refreshing the registry entry."""
         self.publish_state()
@@ -236,7 +290,7 @@ class PeerNode:
             version=self.info.software_version,
             bandwidth_mbps=self.settings.bandwidth_mbps,
             round=self.state.round,
-            client_mode=self.settings.client_mode,
+            client_mode=self.client_mode,
             throughput=float(extra.get("throughput", 0.0)),
             loss=extra.get("loss"),
             bytes_sent=int(extra.get("bytes_sent", 0)),

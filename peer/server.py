@@ -15,6 +15,7 @@ Handlers are plain objects, set as attributes after :meth:`PeerServer.start`::
     server.exchange = ExchangeHub(me, run_id)          # PushShard, PullResult
     server.groups = my_matchmaker                       # JoinGroup
     server.state = my_state_server                      # DownloadState
+    server.reachability = DialBack()                    # CheckReachable
 
 Health is always served; it reports what ``health()`` returns (:class:`HealthInfo`).
 """
@@ -52,6 +53,7 @@ __all__ = [
     "HealthInfo",
     "LioncubPeerServicer",
     "PeerServer",
+    "ReachabilityHandler",
     "StateHandler",
 ]
 
@@ -135,6 +137,14 @@ class StateHandler(Protocol):
 
     def download_state(self, request: pb.StateRequest, call: CallInfo) -> AsyncIterator[pb.StateReply]:
         """Manifest first, then every tensor's chunks; check with :func:`check_state_request`."""
+        ...
+
+
+class ReachabilityHandler(Protocol):
+    """Dials a caller back (:class:`lioncub.peer.reachability.DialBack`)."""
+
+    async def check_reachable(self, request: pb.ReachabilityRequest, call: CallInfo) -> pb.ReachabilityReply:
+        """Whether the caller's server answers at the caller's observed address."""
         ...
 
 
@@ -259,6 +269,15 @@ class LioncubPeerServicer:
         finally:
             await _close(replies)
 
+    async def CheckReachable(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ReachabilityReply:
+        handler = self._server.reachability
+        if handler is None:
+            await self._unimplemented(context, "CheckReachable", "reachability")
+        try:
+            return await handler.check_reachable(_parse(pb.ReachabilityRequest, raw), self._call(context))
+        except Exception as exc:
+            await self._fail(context, "CheckReachable", exc)
+
     def generic_handler(self) -> grpc.GenericRpcHandler:
         """The service's method table; requests arrive as raw bytes and are parsed by the servicer."""
         return grpc.method_handlers_generic_handler(
@@ -276,6 +295,9 @@ class LioncubPeerServicer:
                 ),
                 "DownloadState": grpc.unary_stream_rpc_method_handler(
                     self.DownloadState, response_serializer=_serialize
+                ),
+                "CheckReachable": grpc.unary_unary_rpc_method_handler(
+                    self.CheckReachable, response_serializer=_serialize
                 ),
             },
         )
@@ -296,7 +318,7 @@ class PeerServer:
         port: the port actually bound (bind port 0 to let the OS choose).
         endpoint: ``"host:port"`` to dial it on this machine.
         identity: the peer this server speaks for (its id is in every Health reply).
-        exchange, groups, state: the handlers; ``None`` answers ``UNIMPLEMENTED``.
+        exchange, groups, state, reachability: the handlers; ``None`` answers ``UNIMPLEMENTED``.
     """
 
     def __init__(
@@ -316,6 +338,7 @@ class PeerServer:
         self.exchange: ExchangeHandler | None = None
         self.groups: GroupHandler | None = None
         self.state: StateHandler | None = None
+        self.reachability: ReachabilityHandler | None = None
         self._stopped = False
 
     def __repr__(self) -> str:

@@ -273,3 +273,21 @@ class HealthReply(_message.Message):
     run_id: str
     round: int
     def __init__(self, alive: _Optional[bool] = ..., protocol_version: _Optional[int] = ..., software_version: _Optional[str] = ..., peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class ReachabilityRequest(_message.Message):
+    __slots__ = ("port", "peer_id")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    peer_id: str
+    def __init__(self, port: _Optional[int] = ..., peer_id: _Optional[str] = ...) -> None: ...
+
+class ReachabilityReply(_message.Message):
+    __slots__ = ("reachable", "observed_host", "detail")
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_HOST_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    reachable: bool
+    observed_host: str
+    detail: str
+    def __init__(self, reachable: _Optional[bool] = ..., observed_host: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -60,6 +60,11 @@ class LioncubPeerStub:
                 request_serializer=lioncub__pb2.StateRequest.SerializeToString,
                 response_deserializer=lioncub__pb2.StateReply.FromString,
                 _registered_method=True)
+        self.CheckReachable = channel.unary_unary(
+                '/lioncub.v1.LioncubPeer/CheckReachable',
+                request_serializer=lioncub__pb2.ReachabilityRequest.SerializeToString,
+                response_deserializer=lioncub__pb2.ReachabilityReply.FromString,
+                _registered_method=True)
 
 
 class LioncubPeerServicer:
@@ -101,6 +106,13 @@ class LioncubPeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckReachable(self, request, context):
+        """Any peer -> reachable peer: dial me back (NAT detection before going live).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LioncubPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +140,11 @@ def add_LioncubPeerServicer_to_server(servicer, server):
                     servicer.DownloadState,
                     request_deserializer=lioncub__pb2.StateRequest.FromString,
                     response_serializer=lioncub__pb2.StateReply.SerializeToString,
+            ),
+            'CheckReachable': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckReachable,
+                    request_deserializer=lioncub__pb2.ReachabilityRequest.FromString,
+                    response_serializer=lioncub__pb2.ReachabilityReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +283,33 @@ class LioncubPeer:
             '/lioncub.v1.LioncubPeer/DownloadState',
             lioncub__pb2.StateRequest.SerializeToString,
             lioncub__pb2.StateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckReachable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lioncub.v1.LioncubPeer/CheckReachable',
+            lioncub__pb2.ReachabilityRequest.SerializeToString,
+            lioncub__pb2.ReachabilityReply.FromString,
             options,
             channel_credentials,
             insecure,
