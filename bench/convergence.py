@@ -28,6 +28,7 @@ from lioncub.peer.tasks import fetch_shakespeare
 VARIANTS: dict[str, dict[str, Any]] = {
     "allreduce": {"name": "allreduce"},
     "lioncub": {"name": "lioncub"},
+    "lioncub-coin-ties": {"name": "lioncub", "ties": "random"},
     "lioncub-avg": {"name": "lioncub", "reduction": "avg", "outer_lr": 1e-2},
     "lioncub-l1": {"name": "lioncub-l1"},
     "distributed-lion": {"name": "lioncub", "local_steps": 0, "outer_lr": 1e-3},

@@ -24,6 +24,7 @@ strategy           prepare (what is sent)      reduce                        app
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ import torch
 
 from .codec import Codec, Encoded
 from .codecs import get_codec
-from .vote import majority_vote, pbit_sum_sign, vote_counts
+from .vote import break_ties, majority_vote, pbit_sum_sign, vote_counts
 
 __all__ = [
     "STRATEGY_NAMES",
@@ -65,6 +66,10 @@ class StrategyConfig:
         weight_decay: λ, decoupled, applied to the anchor with the outer step.
         beta1, beta2: Lion's interpolation and momentum coefficients for the outer momentum.
         reduction: ``"mavo"`` (weighted majority vote, 1 bit down) or ``"avg"`` (mean of votes).
+        ties: what a tied vote (``mavo`` and ``lioncub-l1``) gives: ``"zero"`` (no step there; the
+            result then needs a second bit plane wherever some element tied) or ``"random"`` (a
+            step of either sign with probability 1/2, which is 0 in expectation and keeps the
+            result at 1 bit per parameter; see :func:`lioncub.optim.vote.break_ties`).
         levels: s, the number of positive levels of the ``lioncub-l1`` p-bit codec.
         delta_codec: ``"fp16"`` or ``"int8"`` for ``diloco``'s pseudo-gradient.
         outer_momentum: μ of ``diloco``'s outer Nesterov SGD.
@@ -77,6 +82,7 @@ class StrategyConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     reduction: str = "mavo"
+    ties: str = "zero"
     levels: int = 2
     delta_codec: str = "fp16"
     outer_momentum: float = 0.9
@@ -103,6 +109,8 @@ class StrategyConfig:
                 raise ValueError(f"{label} must be in [0, 1), got {beta}")
         if self.reduction not in ("mavo", "avg"):
             raise ValueError(f"reduction must be 'mavo' or 'avg', got {self.reduction!r}")
+        if self.ties not in ("zero", "random"):
+            raise ValueError(f"ties must be 'zero' or 'random', got {self.ties!r}")
         if not 1 <= self.levels <= 127:
             raise ValueError(f"levels must be in [1, 127], got {self.levels}")
         if self.delta_codec not in ("fp16", "int8"):
@@ -199,8 +207,30 @@ class SyncStrategy(ABC):
         return self.reduce([own_part], [max(1, int(weight))])
 
 
+def _seed_of(parts: Sequence[Encoded]) -> int:
+    """A seed that depends on the votes themselves (so it changes every round, and replays)."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        h.update(part.numel.to_bytes(8, "little"))
+        h.update(part.data[:64].cpu().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
 class _SignStepStrategy(SyncStrategy):
     """Shared apply step of the Lion-family strategies: a sign-like step plus momentum update."""
+
+    def _settle_ties(self, result: Encoded, parts: Sequence[Encoded]) -> Encoded:
+        if self.config.ties == "random" and result.codec == "tern":
+            return break_ties(result, _seed_of(parts))
+        return result
+
+    def _decode_sign(self, result: Encoded) -> torch.Tensor | None:
+        """The update of a ``tern`` or ``sign1`` result, or None for another codec."""
+        if result.codec == "tern":
+            return get_codec("tern").decode(result, torch.float32)
+        if result.codec == "sign1":
+            return get_codec("sign1").decode(result, torch.float32)
+        return None
 
     def prepare(self, state: OuterState, delta: torch.Tensor) -> torch.Tensor:
         b1 = self.config.beta1
@@ -221,7 +251,6 @@ class LionCubStrategy(_SignStepStrategy):
     def __init__(self, config: StrategyConfig) -> None:
         super().__init__(config)
         self._sign = get_codec("sign1")
-        self._tern = get_codec("tern")
 
     @property
     def uplink(self) -> Codec:
@@ -234,12 +263,13 @@ class LionCubStrategy(_SignStepStrategy):
 
     def reduce(self, parts: Sequence[Encoded], weights: Sequence[int] | None = None) -> Encoded:
         if self.config.reduction == "mavo":
-            return majority_vote(parts, weights)
+            return self._settle_ties(majority_vote(parts, weights), parts)
         return vote_counts(parts, weights)
 
     def decode(self, result: Encoded) -> torch.Tensor:
-        if result.codec == "tern":
-            return self._tern.decode(result, torch.float32)
+        update = self._decode_sign(result)
+        if update is not None:
+            return update
         if result.codec.startswith("counts"):
             return get_codec(result.codec).decode(result, torch.float32)
         raise ValueError(f"lioncub cannot decode a {result.codec!r} result")
@@ -251,7 +281,6 @@ class LionCubL1Strategy(_SignStepStrategy):
     def __init__(self, config: StrategyConfig) -> None:
         super().__init__(config)
         self._pbit = get_codec(f"pbit{config.levels}")
-        self._tern = get_codec("tern")
 
     @property
     def uplink(self) -> Codec:
@@ -261,10 +290,13 @@ class LionCubL1Strategy(_SignStepStrategy):
         return 1.0
 
     def reduce(self, parts: Sequence[Encoded], weights: Sequence[int] | None = None) -> Encoded:
-        return pbit_sum_sign(parts, weights)
+        return self._settle_ties(pbit_sum_sign(parts, weights), parts)
 
     def decode(self, result: Encoded) -> torch.Tensor:
-        return self._tern.decode(result, torch.float32)
+        update = self._decode_sign(result)
+        if update is None:
+            raise ValueError(f"lioncub-l1 cannot decode a {result.codec!r} result")
+        return update
 
 
 class _MeanStrategy(SyncStrategy):
