@@ -14,6 +14,19 @@ Routing of a push (by its first chunk's header, before anything is trusted):
 * no slot yet, current or later round → wait (bounded by ``HubConfig.open_wait_s`` and the
   caller's deadline) for this peer to enter that round, then ``FutureRound`` / ``UnknownGroup``.
 
+Memory and time bounds of push streams (see ``docs/RELIABILITY.md``, "Malformed input and memory
+bounds"): every message is at most ``MAX_MESSAGE_BYTES`` (gRPC refuses larger ones unread). A
+stream's first chunk, until its signature is checked and the stream has room in the main budget, is
+held against ``HubConfig.max_unverified_bytes`` (refused at once when full: unauthenticated data
+never waits). Once verified, the stream holds its whole declared payload (exactly what the codec
+produces for the shard: never attacker-sized) against ``HubConfig.max_buffered_bytes``, waiting for
+room if needed (flow control: it reads no further chunks meanwhile). Both are
+:class:`~lioncub.peer._exchange_budget.ByteBudget` s, so the push bytes all streams buffer at once stay
+within ``max_unverified_bytes + max(max_buffered_bytes, one shard payload)`` (the last chunk's join
+doubles one payload for an instant). A stream must deliver each chunk within
+``HubConfig.chunk_timeout_s`` and finish within ``HubConfig.max_push_s`` and before its slot closes,
+or it is cut off (``RESOURCE_EXHAUSTED``).
+
 The hub also holds the peer's identity and its pool of outgoing channels, which the member side
 of :func:`~lioncub.peer.exchange.run_exchange` uses.
 """
@@ -48,6 +61,7 @@ from lioncub.protocol import (
 from lioncub.protocol import lioncub_pb2 as pb
 from lioncub.protocol.validate import CodecLookup, check_id, check_version, show
 
+from ._exchange_budget import BufferHold, ByteBudget, next_chunk
 from ._exchange_channels import ChannelPool
 from ._exchange_slots import ShardSlot, SlotKey, SlotState, wire_size
 from .server import CallInfo, ExchangeHandler
@@ -76,6 +90,12 @@ class HubConfig:
             complete. Serving goes on either way while the round's slots are retained.
         max_waiting: calls that may wait for a slot at once (each holds one unverified chunk of
             up to 1 MiB); more are refused with ``RESOURCE_EXHAUSTED``.
+        max_buffered_bytes: push payload bytes all verified streams may buffer at once (see the
+            module docstring); a stream that does not fit waits for room.
+        max_unverified_bytes: first-chunk bytes held before their signature is checked (or while
+            their stream waits for room); a chunk that does not fit is refused at once.
+        chunk_timeout_s: longest wait for the next chunk of a push stream (the first included).
+        max_push_s: longest a push stream may last; it is also cut off when its slot closes.
     """
 
     retain_rounds: int = 2
@@ -85,6 +105,10 @@ class HubConfig:
     push_grace_s: float = 0.5
     serve_wait: bool = True
     max_waiting: int = 64
+    max_buffered_bytes: int = 256 << 20
+    max_unverified_bytes: int = 32 << 20
+    chunk_timeout_s: float = 10.0
+    max_push_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.retain_rounds < 1:
@@ -93,9 +117,16 @@ class HubConfig:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         if not 0 < self.chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}, got {self.chunk_bytes}")
+        if self.max_buffered_bytes < MAX_CHUNK_BYTES:
+            raise ValueError(
+                f"max_buffered_bytes must be >= {MAX_CHUNK_BYTES}, got {self.max_buffered_bytes}"
+            )
         for name in ("open_wait_s", "max_pull_wait_s", "push_grace_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("chunk_timeout_s", "max_push_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 def _push_weight(header: pb.ChunkHeader) -> int:
@@ -132,6 +163,8 @@ class ExchangeHub:
         self._round: int | None = None
         self._changed = asyncio.Event()
         self._waiting = 0
+        self._budget: ByteBudget | None = None  # made on first use: needs the running loop
+        self._unverified: ByteBudget | None = None
 
     def __repr__(self) -> str:
         return f"ExchangeHub(peer_id={self.identity.peer_id!r}, run_id={self.run_id!r}, round={self._round})"
@@ -140,6 +173,16 @@ class ExchangeHub:
     def round(self) -> int | None:
         """The newest round this peer entered (None before the first)."""
         return self._round
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Push bytes held by the streams being received now, verified or not (module docstring)."""
+        return sum(b.used for b in (self._budget, self._unverified) if b is not None)
+
+    @property
+    def peak_buffered_bytes(self) -> int:
+        """The most push bytes held at once since the hub was made (verified peak + unverified peak)."""
+        return sum(b.peak for b in (self._budget, self._unverified) if b is not None)
 
     def slot(self, key: SlotKey) -> ShardSlot | None:
         """The slot of a shard this peer owns, while its round is retained."""
@@ -262,11 +305,26 @@ class ExchangeHub:
 
     async def push_shard(self, chunks: AsyncIterator[pb.Chunk], call: CallInfo) -> pb.PushAck:
         """Take one member's contribution to a shard this peer owns."""
-        items = aiter(chunks)
+        if self._budget is None or self._unverified is None:
+            self._budget = ByteBudget(self.config.max_buffered_bytes)
+            self._unverified = ByteBudget(self.config.max_unverified_bytes)
+        hold, first_hold = BufferHold(self._budget), BufferHold(self._unverified)
         try:
-            first = await anext(items)
-        except StopAsyncIteration:
-            raise ChunkOrderError("push stream ended before its first chunk") from None
+            return await self._receive_push(aiter(chunks), call, hold, first_hold)
+        finally:
+            hold.release()
+            first_hold.release()
+
+    async def _receive_push(
+        self, items: AsyncIterator[pb.Chunk], call: CallInfo, hold: BufferHold, first_hold: BufferHold
+    ) -> pb.PushAck:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        stream_end = loop.time() + cfg.max_push_s
+        first = await next_chunk(items, min(stream_end, loop.time() + cfg.chunk_timeout_s), "push")
+        if first is None:
+            raise ChunkOrderError("push stream ended before its first chunk")
+        first_hold.resize_now(len(first.data), "push")  # unverified: never waits for room
         if not first.HasField("header"):
             raise InvalidMessage("chunk has no header")
         h = first.header
@@ -280,20 +338,23 @@ class ExchangeHub:
         sender = h.sender_id
         weight = _push_weight(h)
         slot.reserve(sender)
+        # The slot stops taking contributions at the group's deadline: a stream cannot outlive it.
+        slot_end = loop.time() + slot.plan.deadline_ms / 1000.0 - time.time()
+        stream_end = min(stream_end, slot_end)
+        what = f"push to {slot.key.describe()} from {sender}"
         try:
+            # The declared size was checked against the shard: hold it all (or wait for room).
+            await hold.resize(h.payload_nbytes, stream_end, what)
+            first_hold.release()  # the first chunk is part of the payload now held
             while payload is None:
-                try:
-                    chunk = await anext(items)
-                except StopAsyncIteration:
+                chunk = await next_chunk(items, min(stream_end, loop.time() + cfg.chunk_timeout_s), what)
+                if chunk is None:
                     payload = reassembler.finish()  # raises: the stream ended early
                     break
                 slot.traffic.received += wire_size(chunk)
+                slot.check_open()  # closed meanwhile: stop buffering a contribution that cannot count
                 payload = reassembler.feed(chunk)
-            try:
-                await anext(items)
-            except StopAsyncIteration:
-                pass
-            else:
+            if await next_chunk(items, min(stream_end, loop.time() + cfg.chunk_timeout_s), what) is not None:
                 raise ChunkOrderError("chunk after the last one of the payload")
         except BaseException:
             slot.release(sender)

@@ -155,7 +155,7 @@ class ShardSlot:
             raise DuplicateContribution(
                 f"{sender} is already sending its contribution to {self.key.describe()}"
             )
-        self._check_open()
+        self.check_open()
         self._receiving.add(sender)
 
     def release(self, sender: str) -> None:
@@ -167,13 +167,14 @@ class ShardSlot:
         self._receiving.discard(sender)
         if sender in self._contributed:
             raise DuplicateContribution(f"{sender} already contributed to {self.key.describe()}")
-        self._check_open()
+        self.check_open()
         self._parts[sender] = (part, weight)
         self._contributed.add(sender)
         if self.senders <= self._parts.keys():
             self.close()
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raise :class:`LatePush` unless the slot still takes contributions."""
         if self.state is SlotState.DISCARDED:
             raise LatePush(f"{self.key.describe()} was discarded with its round")
         if self.state is not SlotState.OPEN:

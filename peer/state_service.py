@@ -3,6 +3,11 @@
 The snapshot is the anchor θ_anchor, the outer momentum, the number of rounds applied and the run
 config, taken right after a round was applied (never mid-round). Tensors travel lossless (fp32),
 chunked, signed and digest-checked by :mod:`lioncub.protocol.state`.
+
+Memory bound: every download encodes the snapshot afresh (about four times the anchor + momentum
+bytes while it runs), so a :class:`StateService` serves at most ``max_concurrent`` downloads at once
+and refuses more with ``UNAVAILABLE`` (:class:`StateBusy`): a flood of joiners costs at most
+``max_concurrent`` times that, never one copy per request.
 """
 
 from __future__ import annotations
@@ -35,11 +40,21 @@ from lioncub.protocol.limits import PROTOCOL_VERSION
 from ._exchange_channels import ChannelPool
 from .server import CallInfo
 
-__all__ = ["Snapshot", "StateDownloadError", "StateService", "download_state"]
+__all__ = [
+    "DEFAULT_MAX_CONCURRENT_DOWNLOADS",
+    "Snapshot",
+    "StateBusy",
+    "StateDownloadError",
+    "StateService",
+    "download_state",
+]
 
 log = logging.getLogger(__name__)
 
 _FP32 = "fp32"
+
+#: State downloads one peer serves at once (see the module docstring).
+DEFAULT_MAX_CONCURRENT_DOWNLOADS = 4
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,10 @@ class Snapshot:
     round: int
     anchor: torch.Tensor
     momentum: torch.Tensor
+
+
+class StateBusy(Unavailable):
+    """This peer already serves as many state downloads as it may; ask another (``UNAVAILABLE``)."""
 
 
 class StateDownloadError(RuntimeError):
@@ -66,14 +85,24 @@ class StateService:
         config: dict[str, Any],
         *,
         policy: AdmissionPolicy | None = None,
+        max_concurrent: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS,
     ) -> None:
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         self.identity = identity
         self.peer_info = peer_info
         self.run_id = run_id
         self.config_json = json.dumps(config, sort_keys=True)
         self.policy = policy or AdmissionPolicy()
+        self.max_concurrent = max_concurrent
         self._snapshot: Snapshot | None = None
+        self._active = 0
         self.served = 0
+
+    @property
+    def active(self) -> int:
+        """Downloads being served now."""
+        return self._active
 
     def publish(self, round: int, anchor: torch.Tensor, momentum: torch.Tensor) -> None:
         """Offer a new snapshot (copies are taken, so the caller may keep training)."""
@@ -92,19 +121,27 @@ class StateService:
         snap = self._snapshot
         if snap is None:
             raise Unavailable("this peer has no state to share yet; try another peer or retry shortly")
-        codec = get_codec(_FP32)
-        tensors = [("anchor", codec.encode(snap.anchor)), ("momentum", codec.encode(snap.momentum))]
-        self.served += 1
-        log.info("serving state of round %d to %s", snap.round, request.peer.peer_id)
-        for reply in state_replies(
-            self.identity,
-            self.peer_info,
-            run_id=self.run_id,
-            round=snap.round,
-            config_json=self.config_json,
-            tensors=tensors,
-        ):
-            yield reply
+        if self._active >= self.max_concurrent:
+            raise StateBusy(
+                f"this peer already serves {self._active} state download(s); try another peer or retry"
+            )
+        self._active += 1
+        try:
+            codec = get_codec(_FP32)
+            tensors = [("anchor", codec.encode(snap.anchor)), ("momentum", codec.encode(snap.momentum))]
+            self.served += 1
+            log.info("serving state of round %d to %s", snap.round, request.peer.peer_id)
+            for reply in state_replies(
+                self.identity,
+                self.peer_info,
+                run_id=self.run_id,
+                round=snap.round,
+                config_json=self.config_json,
+                tensors=tensors,
+            ):
+                yield reply
+        finally:
+            self._active -= 1
 
 
 async def download_state(
