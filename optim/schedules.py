@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .robust import ROBUST_REDUCTIONS
+
 __all__ = ["SyncSchedule", "consensus_distance"]
 
 
@@ -23,11 +25,15 @@ class SyncSchedule:
         geometric_k: if > 0, use geometric gaps instead: T_1 = 1 and T_{j+1} = T_j + ⌈2^{j/k}⌉,
             so syncs thin out as training settles. Takes precedence over ``every``.
         codec: ``"fp16"`` or ``"int8"``, the codec the synced vector travels in.
+        reduction: how a shard owner combines the members' vectors: ``"mean"``, ``"clipped"``
+            (norm-clipped around the coordinate median, robust to a Byzantine member) or
+            ``"median"`` (see :func:`lioncub.optim.robust.robust_mean`).
     """
 
     every: int = 0
     geometric_k: float = 0.0
     codec: str = "fp16"
+    reduction: str = "clipped"
 
     def __post_init__(self) -> None:
         if self.every < 0:
@@ -36,6 +42,10 @@ class SyncSchedule:
             raise ValueError(f"geometric_k must be >= 0, got {self.geometric_k}")
         if self.codec not in ("fp16", "int8"):
             raise ValueError(f"codec must be 'fp16' or 'int8', got {self.codec!r}")
+        if self.reduction not in ROBUST_REDUCTIONS:
+            raise ValueError(
+                f"reduction must be one of {', '.join(ROBUST_REDUCTIONS)}, got {self.reduction!r}"
+            )
 
     @property
     def enabled(self) -> bool:

@@ -8,18 +8,23 @@ missing part and goes on (DESIGN.md section 4).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from lioncub.optim.reducers import MeanReducer
+from lioncub.optim.codec import Encoded
+from lioncub.optim.reducers import MeanReducer, Reducer, TrustedVoteReducer
+from lioncub.optim.robust import AgreementTracker, TrustConfig
 from lioncub.optim.schedules import SyncSchedule
 from lioncub.optim.strategies import OuterState, SyncStrategy
 from lioncub.protocol import GroupPlan
 
-from .exchange import ExchangeHub, run_exchange
+from .adversary import Adversary, push_forgeries
+from .exchange import ExchangeHub, SlotKey, run_exchange
 from .matchmaking import Matchmaker
 
 __all__ = ["RoundEngine", "RoundReport"]
@@ -43,10 +48,50 @@ class RoundReport:
     averaged: bool = False
     consensus_distance: float | None = None
     failures: list[str] = field(default_factory=list)
+    #: This peer's trust (< 1 only) in the voters of the shard it owned this round.
+    distrusted: dict[str, float] = field(default_factory=dict)
+
+
+class _ScoredVotes:
+    """The update reducer of one exchange: the owner weighs its shard's voters by verified id.
+
+    The hub's slot reduces the counted parts in member order (sorted peer ids, see
+    :mod:`lioncub.optim.reducers`), and ``ShardSlot.received`` says whose parts those are.
+    """
+
+    def __init__(self, trusted: TrustedVoteReducer, hub: ExchangeHub, plan: GroupPlan, exchange: str) -> None:
+        self.trusted, self.hub, self.plan, self.exchange = trusted, hub, plan, exchange
+
+    def encode(self, vec: torch.Tensor) -> Encoded:
+        return self.trusted.encode(vec)
+
+    def reduce(self, parts: Sequence[Encoded], weights: Sequence[int] | None = None) -> Encoded:
+        me = self.hub.identity.peer_id
+        own = next((s.index for s in self.plan.shards if s.owner_id == me), None)
+        slot = (
+            None
+            if own is None
+            else self.hub.slot(SlotKey(self.plan.round, self.plan.group_id, self.exchange, own))
+        )
+        senders = [] if slot is None else [m for m in self.plan.members if m in slot.received]
+        if len(senders) != len(parts):  # cannot attribute the parts: no scoring this time
+            return self.trusted.reduce(parts, weights)
+        return self.trusted.reduce_from(senders, parts, weights)
+
+    def decode(self, result: Encoded) -> torch.Tensor:
+        return self.trusted.decode(result)
+
+    def local_fallback(self, own_part: Encoded, weight: int = 1) -> Encoded:
+        return self.trusted.local_fallback(own_part, weight)
 
 
 class RoundEngine:
-    """Drives ``strategy`` over the network for one peer."""
+    """Drives ``strategy`` over the network for one peer.
+
+    ``trust`` (default on): as a shard owner, weigh sign votes by each voter's agreement with the
+    majority and evict persistent dissenters (:class:`~lioncub.optim.robust.AgreementTracker`).
+    ``adversary`` makes this peer Byzantine: for resilience tests only.
+    """
 
     def __init__(
         self,
@@ -59,6 +104,8 @@ class RoundEngine:
         exchange_timeout: float,
         momentum_sync: SyncSchedule,
         averaging: SyncSchedule,
+        trust: TrustConfig | None = None,
+        adversary: Adversary | None = None,
     ) -> None:
         self.strategy = strategy
         self.state = state
@@ -68,6 +115,11 @@ class RoundEngine:
         self.exchange_timeout = exchange_timeout
         self.momentum_sync = momentum_sync
         self.averaging = averaging
+        self.tracker = AgreementTracker(trust or TrustConfig())
+        self.adversary = adversary
+        self._scored = self.tracker.config.enabled and strategy.uplink.name == "sign1"
+        self._momentum_reducer = MeanReducer(momentum_sync.codec, momentum_sync.reduction)
+        self._averaging_reducer = MeanReducer(averaging.codec, averaging.reduction)
 
     async def sync(self, delta: torch.Tensor, samples: int) -> RoundReport:
         """Run round ``state.round`` with this peer's Δ and apply the agreed update to the anchor."""
@@ -89,13 +141,13 @@ class RoundEngine:
             # Sync points are decided by the round number alone, so the whole group agrees.
             done = self.state.round
             if self.momentum_sync.is_due(done):
-                reducer = MeanReducer(self.momentum_sync.codec)
+                reducer = self._momentum_reducer
                 mean = await self._exchange(plan, "momentum", self.state.momentum, reducer, 1, report)
                 self.state.momentum.copy_(mean)
                 report.momentum_synced = True
                 log.info("round %d: momentum synced with %d peers", rnd, len(plan.members))
             if self.averaging.is_due(done):
-                reducer = MeanReducer(self.averaging.codec)
+                reducer = self._averaging_reducer
                 mean = await self._exchange(plan, "params", self.state.anchor, reducer, 1, report)
                 # This peer's distance to its group's mean anchor, before adopting it.
                 norm = float(mean.norm())
@@ -110,14 +162,42 @@ class RoundEngine:
         plan: GroupPlan,
         name: str,
         vec: torch.Tensor,
-        reducer: MeanReducer | SyncStrategy,
+        reducer: Reducer,
         weight: int,
         report: RoundReport,
     ) -> torch.Tensor:
         t0 = time.monotonic()
-        outcome = await run_exchange(
-            self.hub, plan, name, vec, reducer, int(weight), deadline=time.time() + self.exchange_timeout
-        )
+        trusted = None
+        if name == "update" and self._scored and isinstance(reducer, SyncStrategy):
+            trusted = TrustedVoteReducer(reducer, self.tracker, self.hub.identity.peer_id)
+            reducer = _ScoredVotes(trusted, self.hub, plan, name)
+        deadline = time.time() + self.exchange_timeout
+        if self.adversary is None:
+            outcome = await run_exchange(self.hub, plan, name, vec, reducer, int(weight), deadline=deadline)
+        else:
+            sent, lying = self.adversary.corrupt(name, vec), self.adversary.wrap(name, reducer)
+            outcome, _ = await asyncio.gather(
+                run_exchange(self.hub, plan, name, sent, lying, int(weight), deadline=deadline),
+                push_forgeries(
+                    self.adversary,
+                    self.hub,
+                    plan,
+                    name,
+                    sent,
+                    reducer,
+                    int(weight),
+                    timeout=self.exchange_timeout,
+                ),
+            )
+        if trusted is not None:
+            distrusted = {p: t for p, t in trusted.last_trust.items() if t < 1.0}
+            report.distrusted = distrusted
+            if distrusted:
+                log.warning(
+                    "round %d: voters down-weighted for disagreeing with the majority: %s",
+                    plan.round,
+                    ", ".join(f"{p[:8]}={t:.2f}" for p, t in sorted(distrusted.items())),
+                )
         report.exchange_s += time.monotonic() - t0
         report.group_size = len(plan.members)
         report.group_members = tuple(plan.members)

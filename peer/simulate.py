@@ -20,15 +20,39 @@ from typing import Any
 import torch
 from torch import nn
 
+from lioncub.optim.codec import Encoded
 from lioncub.optim.partition import shard_bounds
-from lioncub.optim.reducers import MeanReducer, Reducer
+from lioncub.optim.reducers import MeanReducer, Reducer, TrustedVoteReducer
+from lioncub.optim.robust import AgreementTracker, TrustConfig
 from lioncub.optim.schedules import SyncSchedule, consensus_distance
-from lioncub.optim.strategies import OuterState, StrategyConfig, make_strategy
+from lioncub.optim.strategies import OuterState, StrategyConfig, SyncStrategy, make_strategy
 
+from .adversary import ADVERSARY_MODES, Adversary, Envelope, admit, forged_envelopes
 from .local import LocalTrainer, copy_into_params
 from .tasks import Task, get_task
 
-__all__ = ["RoundRecord", "SimConfig", "SimResult", "simulate"]
+__all__ = ["Defences", "RoundRecord", "SimConfig", "SimResult", "simulate"]
+
+
+@dataclass(frozen=True)
+class Defences:
+    """The Byzantine defences every simulated shard owner runs (all on by default).
+
+    The robust float reduction is a run setting (``momentum_sync.reduction``,
+    ``averaging.reduction``); these are the owner-side checks.
+
+    Attributes:
+        verify_identity: count a contribution only if signed by the member it claims to come from,
+            for this round and group, once per member (what the wire enforces; see
+            :func:`lioncub.peer.adversary.admit`). Off: every envelope counts.
+        trust: weigh sign votes by their agreement with the majority (None: off).
+        reject_non_finite: drop float contributions that do not decode to finite values.
+    """
+
+    verify_identity: bool = True
+    trust: TrustConfig | None = field(default_factory=TrustConfig)
+    reject_non_finite: bool = True
+
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +74,10 @@ class SimConfig:
         eval_every: evaluate validation loss every this many rounds (and at the end).
         eval_batches: validation batches per evaluation.
         seed: everything is deterministic given it.
+        adversaries: peer index -> adversary mode (:data:`~lioncub.peer.adversary.ADVERSARY_MODES`);
+            those peers are Byzantine (resilience testing). Validation loss is measured on the
+            first honest peer.
+        defences: the owners' Byzantine defences.
     """
 
     peers: int = 4
@@ -67,8 +95,19 @@ class SimConfig:
     eval_every: int = 5
     eval_batches: int = 8
     seed: int = 0
+    adversaries: dict[int, str] = field(default_factory=dict)
+    defences: Defences = field(default_factory=Defences)
 
     def __post_init__(self) -> None:
+        for index, mode in self.adversaries.items():
+            if not 0 <= index < self.peers:
+                raise ValueError(f"adversary index {index} is not a peer (0..{self.peers - 1})")
+            if mode not in ADVERSARY_MODES:
+                raise ValueError(
+                    f"unknown adversary mode {mode!r}; choose one of {', '.join(ADVERSARY_MODES)}"
+                )
+        if len(self.adversaries) >= self.peers:
+            raise ValueError("at least one peer must be honest")
         if self.peers < 1:
             raise ValueError(f"peers must be >= 1, got {self.peers}")
         if self.rounds < 1:
@@ -112,6 +151,10 @@ class SimResult:
     records: list[RoundRecord]
     num_params: int
     initial_val_loss: float
+    #: peer index -> the peer indices its agreement tracker evicted (honest peers only).
+    evicted: dict[int, list[int]] = field(default_factory=dict)
+    #: float contributions dropped as non-finite, over the run.
+    rejected_non_finite: int = 0
 
     @property
     def final_val_loss(self) -> float:
@@ -128,6 +171,8 @@ class SimResult:
             "samples": last.samples,
             "bytes_sent_per_peer": last.bytes_sent_per_peer,
             "bytes_received_per_peer": last.bytes_received_per_peer,
+            "evicted": {str(k): v for k, v in self.evicted.items()},
+            "rejected_non_finite": self.rejected_non_finite,
             "records": [asdict(r) for r in self.records],
         }
 
@@ -140,6 +185,13 @@ class _Peer:
     bytes_sent: int = 0
     bytes_received: int = 0
     last_loss: float = float("nan")
+    adversary: Adversary | None = None
+    tracker: AgreementTracker | None = None
+    sent: dict[str, torch.Tensor] = field(default_factory=dict)  # last vector sent, per exchange
+
+    @property
+    def id(self) -> str:
+        return f"peer{self.index:04d}"
 
 
 def _groups(n: int, group_size: int, seed: int, rnd: int) -> list[list[int]]:
@@ -153,29 +205,102 @@ def _groups(n: int, group_size: int, seed: int, rnd: int) -> list[list[int]]:
     return groups
 
 
+@dataclass(frozen=True)
+class _Exchange:
+    """One exchange of one group: its name, envelope and reducers."""
+
+    name: str
+    round: int
+    group: str
+    reducer: Reducer
+    defences: Defences
+    strategy: SyncStrategy | None = None  # set for the update: owners may score the votes
+
+
+def _unique(ids: list[str]) -> list[str]:
+    """Distinct names for the counted contributions (repeats only happen without identity checks)."""
+    seen: dict[str, int] = {}
+    out = []
+    for i in ids:
+        seen[i] = seen.get(i, 0) + 1
+        out.append(i if seen[i] == 1 else f"{i}#{seen[i]}")
+    return out
+
+
+def _owner_result(
+    ex: _Exchange, owner: _Peer, senders: list[str], parts: list[Encoded], weights: list[int]
+) -> Encoded:
+    """The owner's reduction of what it counted (trust-weighted for sign votes when enabled)."""
+    trusted = (
+        ex.strategy is not None
+        and owner.tracker is not None
+        and ex.defences.trust is not None
+        and ex.strategy.uplink.name == "sign1"
+    )
+    if trusted:
+        assert ex.strategy is not None and owner.tracker is not None
+        return TrustedVoteReducer(ex.strategy, owner.tracker, owner.id).reduce_from(senders, parts, weights)
+    return ex.reducer.reduce(parts, weights)
+
+
 def _exchange(
-    reducer: Reducer, members: list[_Peer], vecs: list[torch.Tensor], weights: list[int]
-) -> torch.Tensor:
-    """Reduce-scatter + all-gather of ``vecs`` among ``members``; returns the agreed vector.
+    ex: _Exchange, members: list[_Peer], vecs: list[torch.Tensor], weights: list[int]
+) -> list[torch.Tensor]:
+    """Reduce-scatter + all-gather of ``vecs`` among ``members``; each member's agreed vector.
+
+    Byzantine members send their corrupted vector (and forged envelopes); each owner admits
+    contributions by the envelope rules and reduces them. A reduction that fails leaves every
+    member with its own contribution for that shard, as on the network.
 
     Byte accounting: a member sends its slice of every other owner's shard and, as an owner, the
-    result to the n - 1 others; it receives the mirror image.
+    result to the n - 1 others; it receives the mirror image (forged envelopes are not counted).
     """
     n = len(members)
     numel = vecs[0].numel()
-    out = torch.empty(numel, dtype=torch.float32, device=vecs[0].device)
+    ids = [p.id for p in members]
+    weight_of = dict(zip(ids, weights, strict=True))
+    sent = [p.adversary.corrupt(ex.name, v) if p.adversary else v for p, v in zip(members, vecs, strict=True)]
+    encoders = [p.adversary.wrap(ex.name, ex.reducer) if p.adversary else ex.reducer for p in members]
+    outs = [torch.empty(numel, dtype=torch.float32, device=vecs[0].device) for _ in members]
     for owner, (lo, hi) in enumerate(shard_bounds(numel, [1.0] * n)):
-        parts = [reducer.encode(v[lo:hi]) for v in vecs]
-        result = reducer.reduce(parts, weights)
-        out[lo:hi] = reducer.decode(result)
+        parts = [enc.encode(v[lo:hi]) for enc, v in zip(encoders, sent, strict=True)]
+        envelopes: list[Envelope] = []
+        for m, p in enumerate(members):  # forgeries first: the worst case for the first-come rule
+            if p.adversary is not None and p.adversary.forges:
+                prev = p.sent.get(ex.name)
+                old = None if prev is None else encoders[m].encode(prev[lo:hi])
+                envelopes += forged_envelopes(p.adversary, p.id, ids, ex.round, ex.group, parts[m], old)
+        envelopes += [Envelope(p.id, p.id, ex.round, ex.group, parts[m]) for m, p in enumerate(members)]
+        counted = admit(
+            envelopes, members=ids, round=ex.round, group=ex.group, verify=ex.defences.verify_identity
+        )
+        senders = _unique([c for c, _ in counted])
+        nbytes = 0  # a failed reduction sends no result
+        try:
+            result = _owner_result(
+                ex, members[owner], senders, [part for _, part in counted], [weight_of[c] for c, _ in counted]
+            )
+            values = ex.reducer.decode(result)
+            nbytes = result.nbytes
+        except ValueError as exc:  # CodecError included: the owner could not reduce
+            log.info("round %d %s: shard %d not reduced (%s): local fallback", ex.round, ex.name, owner, exc)
+            for m in range(n):
+                own = ex.reducer.encode(vecs[m][lo:hi])
+                outs[m][lo:hi] = ex.reducer.decode(ex.reducer.local_fallback(own, weights[m]))
+        else:
+            for out in outs:
+                out[lo:hi] = values
         for m, peer in enumerate(members):
             if m == owner:
                 peer.bytes_received += sum(p.nbytes for j, p in enumerate(parts) if j != owner)
-                peer.bytes_sent += (n - 1) * result.nbytes
+                peer.bytes_sent += (n - 1) * nbytes
             else:
                 peer.bytes_sent += parts[m].nbytes
-                peer.bytes_received += result.nbytes
-    return out
+                peer.bytes_received += nbytes
+    for p, v in zip(members, sent, strict=True):
+        if p.adversary is not None:
+            p.sent[ex.name] = v
+    return outs
 
 
 def _evaluate(task: Task, model: nn.Module, anchor: torch.Tensor, batches: int) -> float:
@@ -208,15 +333,33 @@ def simulate(
             inner_weight_decay=cfg.inner_weight_decay,
             batch_size=cfg.batch_size,
         )
-        peers.append(_Peer(i, trainer, OuterState.create(trainer.get_flat())))
-    num_params = peers[0].state.anchor.numel()
-    initial = _evaluate(task, peers[0].trainer.model, peers[0].state.anchor, cfg.eval_batches)
+        mode = cfg.adversaries.get(i)
+        peers.append(
+            _Peer(
+                i,
+                trainer,
+                OuterState.create(trainer.get_flat()),
+                adversary=None if mode is None else Adversary(mode, seed=cfg.seed * 7919 + i),
+                tracker=AgreementTracker(cfg.defences.trust) if cfg.defences.trust is not None else None,
+            )
+        )
+    honest = [p for p in peers if p.adversary is None]
+    probe = honest[0]  # validation loss is the first honest peer's
+    num_params = probe.state.anchor.numel()
+    initial = _evaluate(task, probe.trainer.model, probe.state.anchor, cfg.eval_batches)
     log.info(
-        "simulating %d peers, %s, %d params, initial val loss %.4f",
+        "simulating %d peers (%d Byzantine), %s, %d params, initial val loss %.4f",
         cfg.peers,
+        len(cfg.adversaries),
         strategy.name,
         num_params,
         initial,
+    )
+    momentum_reducer = MeanReducer(
+        cfg.momentum_sync.codec, cfg.momentum_sync.reduction, reject_non_finite=cfg.defences.reject_non_finite
+    )
+    averaging_reducer = MeanReducer(
+        cfg.averaging.codec, cfg.averaging.reduction, reject_non_finite=cfg.defences.reject_non_finite
     )
     records: list[RoundRecord] = []
     start = time.perf_counter()
@@ -227,45 +370,41 @@ def simulate(
             local = p.trainer.run_round(p.state.anchor)
             p.last_loss = local.loss
             deltas.append(local.delta)
-        for group in _groups(cfg.peers, cfg.group_size, cfg.seed, rnd):
+        groups = _groups(cfg.peers, cfg.group_size, cfg.seed, rnd)
+        for k, group in enumerate(groups):
             members = [peers[i] for i in group]
             vecs = [strategy.prepare(peers[i].state, deltas[i]) for i in group]
-            update = _exchange(strategy, members, vecs, [weight] * len(group))
-            for i in group:
+            ex = _Exchange("update", rnd, f"r{rnd}g{k}", strategy, cfg.defences, strategy)
+            updates = _exchange(ex, members, vecs, [weight] * len(group))
+            for i, update in zip(group, updates, strict=True):
                 strategy.apply(peers[i].state, update, deltas[i])
         synced = cfg.momentum_sync.is_due(rnd)
         averaged = cfg.averaging.is_due(rnd)
-        for group in _groups(cfg.peers, cfg.group_size, cfg.seed, rnd) if synced or averaged else []:
+        for k, group in enumerate(groups if synced or averaged else []):
             members = [peers[i] for i in group]
             ones = [1] * len(members)
             if synced:
-                mean_m = _exchange(
-                    MeanReducer(cfg.momentum_sync.codec), members, [p.state.momentum for p in members], ones
-                )
-                for p in members:
-                    p.state.momentum.copy_(mean_m)
+                ex = _Exchange("momentum", rnd, f"r{rnd}g{k}", momentum_reducer, cfg.defences)
+                means = _exchange(ex, members, [p.state.momentum for p in members], ones)
+                for p, mean in zip(members, means, strict=True):
+                    p.state.momentum.copy_(mean)
             if averaged:
-                mean_a = _exchange(
-                    MeanReducer(cfg.averaging.codec), members, [p.state.anchor for p in members], ones
-                )
-                for p in members:
-                    p.state.anchor.copy_(mean_a)
+                ex = _Exchange("params", rnd, f"r{rnd}g{k}", averaging_reducer, cfg.defences)
+                means = _exchange(ex, members, [p.state.anchor for p in members], ones)
+                for p, mean in zip(members, means, strict=True):
+                    p.state.anchor.copy_(mean)
         for p in peers:
             p.trainer.set_flat(p.state.anchor)
         evaluate = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
-        val = (
-            _evaluate(task, peers[0].trainer.model, peers[0].state.anchor, cfg.eval_batches)
-            if evaluate
-            else None
-        )
+        val = _evaluate(task, probe.trainer.model, probe.state.anchor, cfg.eval_batches) if evaluate else None
         rec = RoundRecord(
             round=rnd,
             samples=rnd * weight * cfg.peers,
-            train_loss=sum(p.last_loss for p in peers) / len(peers),
+            train_loss=sum(p.last_loss for p in honest) / len(honest),
             val_loss=val,
             bytes_sent_per_peer=sum(p.bytes_sent for p in peers) / len(peers),
             bytes_received_per_peer=sum(p.bytes_received for p in peers) / len(peers),
-            consensus_distance=consensus_distance([p.state.anchor for p in peers]),
+            consensus_distance=consensus_distance([p.state.anchor for p in honest]),
             elapsed_s=time.perf_counter() - start,
             momentum_synced=synced,
             averaged=averaged,
@@ -273,4 +412,11 @@ def simulate(
         records.append(rec)
         if on_round is not None:
             on_round(rec)
-    return SimResult(cfg, records, num_params, initial)
+    index_of = {p.id: p.index for p in peers}
+    evicted = {
+        p.index: sorted(index_of[e] for e in p.tracker.evicted if e in index_of)
+        for p in honest
+        if p.tracker is not None
+    }
+    rejected = momentum_reducer.rejected + averaging_reducer.rejected
+    return SimResult(cfg, records, num_params, initial, evicted, rejected)
