@@ -16,8 +16,10 @@ from typing import Any
 import psutil
 from rich.console import Console
 
+from .adversary import ADVERSARY_MODES
 from .config import ConfigError, RunConfig, load_run_config, to_dict
 from .dht import visible_maddrs
+from .faults import FaultError, parse_fault
 from .logs import configure_logging, peer_logger
 from .progress import PeerProgress
 from .rounds import RoundReport
@@ -87,6 +89,23 @@ def add_join_parser(sub: Any) -> None:
     p.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar", help="how to show progress")
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     p.add_argument("--check-config", action="store_true", help="validate flags and config, print them, exit")
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="TEST-ONLY resilience testing: hurt this peer on purpose, e.g. kill@round=3, "
+        "partition@round=4:seconds=10, slow@factor=0.1, crash-in-checkpoint@round=6 "
+        "(see lioncub.peer.faults); never in a real swarm",
+    )
+    p.add_argument(
+        "--adversary",
+        choices=ADVERSARY_MODES,
+        default=None,
+        metavar="MODE",
+        help="TEST-ONLY resilience testing: make this peer Byzantine, corrupting what it sends "
+        f"({', '.join(ADVERSARY_MODES)}; see lioncub.peer.adversary); never in a real swarm",
+    )
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig | None:
@@ -128,6 +147,11 @@ def settings_from_args(args: argparse.Namespace) -> PeerSettings:
         raise ConfigError("--min-peers must be in [1, 4096] and --start-timeout in (0, 86400]")
     if not args.bandwidth > 0:
         raise ConfigError(f"--bandwidth must be > 0, got {args.bandwidth}")
+    for spec in args.fault:
+        try:
+            parse_fault(spec)
+        except FaultError as exc:
+            raise ConfigError(f"--fault: {exc}") from None
     swarm_key = None
     if args.swarm_key is not None:
         from lioncub.protocol import load_swarm_key
@@ -157,6 +181,8 @@ def settings_from_args(args: argparse.Namespace) -> PeerSettings:
         swarm_key=swarm_key,
         min_peers=args.min_peers,
         start_timeout=args.start_timeout,
+        faults=tuple(args.fault),
+        adversary=args.adversary,
     )
 
 
@@ -174,6 +200,9 @@ async def _run(
     runtime = await PeerRuntime.create(settings, config)
     if args.progress == "jsonl":
         console = Console(stderr=True)  # stdout carries only JSON events
+    if runtime.node.faults is not None:
+        console.print(f"[bold red]FAULT INJECTION ON (test-only): {', '.join(settings.faults)}[/]")
+        runtime.node.faults.on_event = lambda event: _emit(args, event)
     loop = asyncio.get_running_loop()
     hits = 0
 

@@ -19,6 +19,7 @@ from typing import Any
 from lioncub.optim.strategies import OuterState, SyncStrategy
 from lioncub.protocol import AdmissionPolicy, Identity
 
+from .adversary import make_adversary
 from .config import ConfigError, RunConfig, from_dict, to_dict
 from .dht import (
     DHTError,
@@ -31,6 +32,7 @@ from .dht import (
     start_dht_async,
 )
 from .exchange import ExchangeHub, HubConfig
+from .faults import FaultInjector, FaultyMatchmaker
 from .groups import peer_info
 from .matchmaking import Matchmaker, MatchmakingConfig
 from .reachability import DialBack, Reachability, probe_reachability
@@ -76,6 +78,10 @@ class PeerSettings:
         swarm_key: shared secret for a closed swarm (None = open).
         min_peers, start_timeout: before the first round, wait up to ``start_timeout`` seconds
             until this many peers (this one included) are in the registry.
+        faults: TEST-ONLY fault injection specs (:mod:`lioncub.peer.faults`, e.g. ``kill@round=3``):
+            the peer crashes, cuts its link or slows itself down on purpose. Empty in real swarms.
+        adversary: TEST-ONLY: make this peer Byzantine, corrupting what it sends (a mode of
+            :data:`lioncub.peer.adversary.ADVERSARY_MODES`); None = an honest peer.
     """
 
     initial_peers: tuple[str, ...] = ()
@@ -104,6 +110,8 @@ class PeerSettings:
     swarm_key: bytes | None = None
     min_peers: int = 1
     start_timeout: float = 120.0
+    faults: tuple[str, ...] = ()
+    adversary: str | None = None
 
 
 async def _resolve_config(dht: Any, settings: PeerSettings, config: RunConfig | None) -> RunConfig:
@@ -151,6 +159,8 @@ class PeerNode:
         self.client_mode = settings.client_mode
         self.reachability: Reachability | None = None
         self.record_fn: Callable[[], dict[str, Any]] = dict
+        #: Test-only fault injection (None unless ``settings.faults``).
+        self.faults = FaultInjector.from_specs(settings.faults) if settings.faults else None
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -183,6 +193,8 @@ class PeerNode:
         self.hub = ExchangeHub(
             self.identity, cfg.run_id, config=HubConfig(max_pull_wait_s=cfg.rounds.exchange_timeout)
         )
+        if self.faults is not None:
+            self.hub.channels = self.faults.channels()
         endpoint = ""
         self.registry = SwarmRegistry(self.dht, cfg.run_id, ttl=s.peer_ttl)
         if not self.client_mode:
@@ -200,7 +212,7 @@ class PeerNode:
         self.info = peer_info(
             self.identity, endpoint=endpoint, client_mode=self.client_mode, bandwidth_mbps=s.bandwidth_mbps
         )
-        self.matchmaker = Matchmaker(
+        self.matchmaker = (Matchmaker if self.faults is None else FaultyMatchmaker)(
             self.dht,
             self.identity,
             cfg.run_id,
@@ -220,6 +232,10 @@ class PeerNode:
             self.server.exchange = self.hub
             self.server.groups = self.matchmaker
             self.server.state = self.state_service
+        if self.faults is not None:
+            if isinstance(self.matchmaker, FaultyMatchmaker):
+                self.matchmaker.injector = self.faults
+            self.faults.attach(self.server)
         self.engine = RoundEngine(
             strategy,
             state,
@@ -229,6 +245,7 @@ class PeerNode:
             exchange_timeout=cfg.rounds.exchange_timeout,
             momentum_sync=cfg.momentum_sync,
             averaging=cfg.averaging,
+            adversary=make_adversary(s.adversary, seed=cfg.seed),
         )
 
     async def _reachable(self, port: int) -> bool:
@@ -374,6 +391,8 @@ class PeerNode:
         self._closed = True
         for task in self._tasks:
             task.cancel()
+        if self.faults is not None:
+            self.faults.close()
         if hasattr(self, "registry"):
             try:
                 await asyncio.wait_for(self.registry.withdraw_async(self.peer_id), timeout=5.0)

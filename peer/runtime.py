@@ -128,8 +128,15 @@ class PeerRuntime:
         self.state = OuterState.create(self.trainer.get_flat())
         await self.node.start(self.state, make_strategy(cfg.strategy))
         self.node.record_fn = self._record_fields
+        faults = self.node.faults
         self.store = (
-            CheckpointStore(s.checkpoint_dir, every_rounds=s.checkpoint_every) if s.checkpoint_dir else None
+            CheckpointStore(
+                s.checkpoint_dir,
+                every_rounds=s.checkpoint_every,
+                write_hook=faults.checkpoint_hook if faults is not None else None,
+            )
+            if s.checkpoint_dir
+            else None
         )
         if s.metrics_port is not None:
             self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
@@ -234,11 +241,13 @@ class PeerRuntime:
                         log.warning("fell behind the swarm; jumped to round %d", self.state.round)
                         began = self.state.anchor.clone()
                         self.trainer.set_flat(began)
+            faults = self.node.faults  # test-only: a straggler gets less compute time
+            budget = cfg.rounds.max_seconds * (faults.slow_factor(self.state.round) if faults else 1.0)
             local = await asyncio.to_thread(
-                self.trainer.run_round,
-                began if overlap else self.state.anchor,
-                max_seconds=cfg.rounds.max_seconds,
+                self.trainer.run_round, began if overlap else self.state.anchor, max_seconds=budget
             )
+            if faults is not None:
+                await faults.slow_down(self.state.round, local.compute_s)
             if not overlap:
                 report = await self.node.engine.sync(local.delta, local.samples)
                 self.trainer.set_flat(self.state.anchor)
@@ -294,6 +303,8 @@ class PeerRuntime:
             await asyncio.to_thread(self.save_checkpoint)
         if on_round is not None:
             on_round(report, summary)
+        if self.node.faults is not None:  # test-only: kills and partitions due after this round
+            self.node.faults.round_applied(self.state.round)
 
     async def _wait_for_peers(self) -> None:
         if self.settings.min_peers <= 1:

@@ -197,6 +197,25 @@ class PeerProc:
         self.wait_for(lambda _: len(self.rounds()) >= count, timeout, f"{count} round events")
         return self.rounds()[:count]
 
+    def wait_fault(self, timeout: float, phase: str | None = None) -> Event:
+        """The first ``fault`` event this peer's injector (``--fault``) reported (of ``phase``, if given)."""
+        return self.wait_for(
+            lambda e: e["event"] == "fault" and (phase is None or e.get("phase") == phase),
+            timeout,
+            f"a fault event{f' ({phase})' if phase else ''}",
+        )
+
+    def killed(self, timeout: float) -> Event:
+        """Wait for this peer to SIGKILL itself on an injected fault; return the fault event."""
+        fault = self.wait_fault(timeout)
+        code = self.wait_exit(timeout, drain=0)
+        assert code == -signal.SIGKILL, f"{self.name} exited with {code}, not SIGKILL\n{self.describe()}"
+        return fault
+
+    def rounds_after(self, t: float) -> list[Event]:
+        """``round`` events the harness read after ``time.monotonic()`` was ``t``."""
+        return [e for e in self.rounds() if e["_t"] > t]
+
     def finished(self, timeout: float) -> Event:
         return self.wait_for(lambda e: e["event"] == "finished", timeout, "the 'finished' event")
 
@@ -446,6 +465,25 @@ class Swarm:
             for i in range(1, launch.n)
         ]
         return [launch.first, *rest]
+
+    def kill_at_round(self, peer: PeerProc, round: int, timeout: float, tree: bool = False) -> Event:
+        """SIGKILL ``peer`` once its jsonl stream reports round ``round`` (synchronised on the event).
+
+        With ``tree`` its DHT process and ``p2pd`` are killed too (a machine that dies, not a crash
+        of the peer process alone). Returns the round event it was killed after.
+        """
+        event = peer.wait_round(round, timeout)
+        if tree:
+            _kill_tree(peer.pid)
+        else:
+            peer.proc.send_signal(signal.SIGKILL)
+        assert peer.wait_exit(10, drain=0) == -signal.SIGKILL
+        return event
+
+    def kill_tree(self, peer: PeerProc) -> None:
+        """SIGKILL ``peer`` and every descendant (its DHT process, ``p2pd``); wait for it to exit."""
+        _kill_tree(peer.pid)
+        peer.wait_exit(10, drain=0)
 
     @staticmethod
     def first_maddr(peer: PeerProc, timeout: float = START_TIMEOUT) -> str:
