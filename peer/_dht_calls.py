@@ -217,10 +217,13 @@ class Pending(Generic[T]):
 
     async def wait_async(self) -> T:
         """Like :meth:`wait`, but suspends only the calling coroutine."""
+        gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in self.futures))
+        # If we stop waiting (timeout, cancellation) and the DHT later cancels or fails the calls,
+        # the gathering future still ends with an exception: retrieve it so asyncio does not log
+        # "exception was never retrieved" at shutdown.
+        gathered.add_done_callback(_retrieve)
         try:
-            answers = await asyncio.wait_for(
-                asyncio.gather(*(asyncio.wrap_future(f) for f in self.futures)), timeout=self.timeout
-            )
+            answers = await asyncio.wait_for(gathered, timeout=self.timeout)
         except TIMEOUT_ERRORS:
             self._cancel()
             raise self._timeout_error() from None
@@ -241,3 +244,8 @@ class Pending(Generic[T]):
             f"{self.what} got no answer within {self.timeout:.1f} s; "
             "check that the DHT process is alive and that other peers are reachable"
         )
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 from hivemind.dht import DHT
@@ -29,6 +30,8 @@ __all__ = ["ReadyBoard"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds between registry reads while gathering (the ready set is read on every poll).
+_REGISTRY_REFRESH_S = 0.3
 _MAX_POLL_INTERVAL = 0.25
 _READY_SLACK_S = 2.0  # a ready entry outlives the round's deadline by this much
 _MIN_CALL_TIMEOUT = 0.05
@@ -68,8 +71,16 @@ class ReadyBoard:
     ) -> dict[str, ReadyPeer]:
         """Read the ready set until it holds every active peer or ``gather_end`` passes."""
         interval = poll_interval
+        active: set[str] | None = None
+        active_read = -math.inf
         while True:
-            active, ready = await asyncio.gather(self.active_peers(round, end), self.read(round, me, end))
+            if time.monotonic() - active_read >= _REGISTRY_REFRESH_S:
+                # The registry changes slowly (entries refresh every few seconds): reading it on
+                # every poll of the ready set would double this peer's DHT traffic for nothing.
+                active_read = time.monotonic()
+                active, ready = await asyncio.gather(self.active_peers(round, end), self.read(round, me, end))
+            else:
+                ready = await self.read(round, me, end)
             now = time.monotonic()
             complete = active is not None and active <= ready.keys()
             if complete or now >= gather_end:
