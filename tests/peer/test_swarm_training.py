@@ -54,7 +54,8 @@ def _gossip_args(workdir: Path, rounds: int, averaging_every: int) -> tuple[list
 
     A checkpoint at the last round holds each peer's final anchor (the summary has only its digest).
     """
-    settings = [*FAST, "--set", "rounds.group_size=2"]
+    # A longer matchmaking window than FAST's: on a loaded machine a partner may be seconds late.
+    settings = [*FAST, "--set", "rounds.group_size=2", "--set", "rounds.matchmaking_timeout=6"]
     if averaging_every:
         settings += ["--set", f"averaging.every={averaging_every}"]
     ckpt = {
@@ -87,6 +88,7 @@ def test_gossip_groups_of_two_and_averaging_keeps_anchors_together(tmp_path: Pat
         summaries = {label: {p.name: p.exit_ok(RUN_TIMEOUT) for p in ps} for label, ps in peers.items()}
 
     distance = {}
+    paired = dict.fromkeys(runs, 0)
     for label, avg in runs.items():
         for p in peers[label]:
             s = summaries[label][p.name]
@@ -94,9 +96,11 @@ def test_gossip_groups_of_two_and_averaging_keeps_anchors_together(tmp_path: Pat
             assert p.rounds()[-1]["round"] == rounds, p.describe()
             assert rounds // 2 <= s["rounds_completed"] <= rounds, p.describe()
             sizes = [e["group_size"] for e in p.rounds()]
-            # Groups of 2 (a peer whose partner was late may be alone; a late straggler may make a 3).
-            assert sizes.count(2) >= rounds // 2, f"{label} {p.name}: group sizes {sizes}"
+            # Groups of 2 (a peer whose partner was late may be alone; a late straggler may make a 3;
+            # on a loaded machine a peer that fell behind skips rounds by downloading the state).
+            assert sizes.count(2) >= 2, f"{label} {p.name}: group sizes {sizes}"
             assert max(sizes) <= 3, f"{label} {p.name}: group sizes {sizes}"
+            paired[label] += sizes.count(2)
             # Gossip: the partner changes from round to round.
             assert len(s["peers_seen"]) >= 2, f"{label} {p.name} always met the same peers: {s['peers_seen']}"
             averaged_after = [e["round"] for e in p.rounds() if e["averaged"]]
@@ -118,6 +122,8 @@ def test_gossip_groups_of_two_and_averaging_keeps_anchors_together(tmp_path: Pat
             if last["averaged"] and not last["missing"]:
                 together = {digest[m] for m in last["group"]}
                 assert together == {digest[p.peer_id]}, f"{p.name}: group {last['group']} averaged apart"
+    # Across the swarm, most peer-rounds are spent in pairs.
+    assert all(n >= 6 * rounds // 3 for n in paired.values()), f"peer-rounds in pairs: {paired}"
     assert distance["plain"] > 0, "gossip groups of two without averaging should leave the anchors apart"
     # The size of the gap varies from run to run (who met whom); its direction does not.
     assert distance["averaged"] < distance["plain"], f"consensus distance by run: {distance}"
