@@ -76,6 +76,16 @@ VARIANTS: dict[str, Variant] = {
             ("strategy.name=lioncub", "strategy.local_steps={H}", "strategy.outer_lr={LR}"),
         ),
         Variant(
+            "lioncub-coin",
+            "1-bit signs, mavo, ties settled by a coin (1 bit down)",
+            (
+                "strategy.name=lioncub",
+                "strategy.local_steps={H}",
+                "strategy.outer_lr={LR}",
+                "strategy.ties=random",
+            ),
+        ),
+        Variant(
             "lioncub-avg",
             "1-bit signs, mean of votes (avg)",
             (
