@@ -21,7 +21,14 @@ _MAX_REPLIES = 16  # ACCEPTED then one final reply; anything longer is a misbeha
 
 
 class JoinFailed(Exception):
-    """Joining one leader failed; the message says why (unreachable, rejected, bad announcement...)."""
+    """Joining one leader failed; the message says why (unreachable, rejected, bad announcement...).
+
+    ``leader_round`` is the round a rejecting leader said it is at (0: it did not say).
+    """
+
+    def __init__(self, message: str, leader_round: int = 0) -> None:
+        super().__init__(message)
+        self.leader_round = leader_round
 
 
 async def join_leader(
@@ -65,7 +72,12 @@ async def join_leader(
                 except ProtocolError as e:
                     raise JoinFailed(f"invalid group announcement: {e}") from e
             name = _Status.Name(reply.status) if reply.status in _Status.values() else str(reply.status)
-            raise JoinFailed(f"{name.removeprefix('STATUS_').lower()}: {show(reply.reason, 200)}")
+            leader_round = (
+                reply.round if reply.status == _Status.STATUS_REJECTED and reply.round < 2**63 else 0
+            )
+            raise JoinFailed(
+                f"{name.removeprefix('STATUS_').lower()}: {show(reply.reason, 200)}", leader_round
+            )
         raise JoinFailed(f"sent more than {_MAX_REPLIES} replies without announcing a group")
     finally:
         call.cancel()

@@ -41,7 +41,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +103,8 @@ class Matchmaker:
         :meth:`close`.
     :param registry: the run's peer registry, read to know whom to wait for; default: a
         :class:`SwarmRegistry` of ``run_id`` on ``dht``.
+    :param current_round: the round this peer is at, told to callers whose join request it rejects
+        because it is not forming their round (a peer far behind learns so at once).
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class Matchmaker:
         policy: AdmissionPolicy | None = None,
         channels: ChannelPool | None = None,
         registry: SwarmRegistry | None = None,
+        current_round: Callable[[], int] | None = None,
     ) -> None:
         if peer_info.peer_id != identity.peer_id or peer_info.public_key != identity.public_key:
             raise ValueError("peer_info must describe this peer's identity (same peer id and public key)")
@@ -142,10 +145,17 @@ class Matchmaker:
         registry = registry if registry is not None else SwarmRegistry(dht, run_id)
         self._board = ReadyBoard(dht, run_id, identity.peer_id, registry, self._stats)
         self._background: set[asyncio.Task[None]] = set()
+        self._current_round = current_round
+        self._ahead: dict[str, int] = {}
 
     @property
     def peer_id(self) -> str:
         return self.identity.peer_id
+
+    def peers_ahead(self, round: int) -> dict[str, int]:
+        """Peers that, rejecting this peer's join requests, said they are past ``round``: id → round."""
+        self._ahead = {p: r for p, r in self._ahead.items() if r > round}
+        return dict(self._ahead)
 
     @property
     def stats(self) -> MatchmakingStats:
@@ -249,6 +259,8 @@ class Matchmaker:
                 self._stats.leader_failures += 1
                 self._log(logging.INFO, r, "leader %s failed (%s); choosing another", leader.peer_id[:8], e)
                 excluded.add(leader.peer_id)
+                if e.leader_round > r:
+                    self._ahead[leader.peer_id] = e.leader_round
                 ready.update(await self._board.read(r, me, end, quiet=True))
                 continue
             state.disband(f"this peer joined the group of {leader.peer_id} in round {r}")
@@ -356,6 +368,7 @@ class Matchmaker:
             yield pb.JoinGroupReply(
                 status=pb.JoinGroupReply.STATUS_REJECTED,
                 reason=f"this peer is not forming a group for round {request.round}",
+                round=max(0, self._current_round()) if self._current_round is not None else 0,
             )
             return
         # Answer a held request while the caller still listens.

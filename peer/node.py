@@ -9,6 +9,7 @@ always ``await node.close()``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -16,8 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from lioncub.optim.strategies import OuterState, SyncStrategy
 from lioncub.protocol import AdmissionPolicy, Identity
+from lioncub.protocol import lioncub_pb2 as pb
 
 from .adversary import make_adversary
 from .config import ConfigError, RunConfig, from_dict, to_dict
@@ -45,6 +49,10 @@ __all__ = ["PeerNode", "PeerSettings", "SetupError"]
 log = logging.getLogger(__name__)
 
 _CONFIG_TTL = 3600.0
+#: Peers asked for their round (Health RPC) when this one suspects it fell behind, and how long each may take.
+_ASK_AT_MOST = 4
+_ASK_TIMEOUT_S = 1.5
+_ASK_EVERY_S = 1.0
 
 
 class SetupError(RuntimeError):
@@ -163,6 +171,8 @@ class PeerNode:
         self.faults = FaultInjector.from_specs(settings.faults) if settings.faults else None
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._next_ask = 0.0
+        self._rounds_heard: dict[str, int] = {}  # peer id -> a round it said it is at, fresher than the DHT
 
     @classmethod
     async def create(cls, settings: PeerSettings, config: RunConfig | None = None) -> PeerNode:
@@ -226,6 +236,7 @@ class PeerNode:
             policy=policy,
             channels=self.hub.channels,
             registry=self.registry,
+            current_round=lambda: self.state.round,
         )
         self.state_service = StateService(self.identity, self.info, cfg.run_id, to_dict(cfg), policy=policy)
         if self.server is not None:
@@ -328,18 +339,57 @@ class PeerNode:
             await self.announce()
             await asyncio.sleep(self.settings.announce_every)
 
-    async def fetch_ahead(self, min_lead: int) -> tuple[str, Snapshot] | None:
-        """The state of the most advanced live peer, if it is at least ``min_lead`` rounds ahead."""
+    async def peers_ahead(self, min_lead: int, *, ask: bool = False) -> list[PeerRecord]:
+        """Reachable peers at least ``min_lead`` rounds ahead of this one, the most advanced first.
+
+        A peer's round is the newest of its registry record (refreshed every ``announce_every``
+        seconds), what it said when it last rejected this peer's join request and, with ``ask``,
+        what its ``Health`` RPC says now: after a pause (a closed laptop lid, a swapped-out
+        process) the registry this peer's DHT node returns can be several rounds stale.
+        """
         try:
             others = [p for p in await self.registry.peers_async() if p.peer_id != self.peer_id]
         except DHTError as exc:
-            log.warning("could not read the peer registry: %s", exc)
-            return None
-        ahead = sorted(
+            log.debug("could not read the peer registry to compare rounds: %s", exc)
+            return []
+
+        def with_heard(records: list[PeerRecord]) -> list[PeerRecord]:
+            for peer_id, round in self.matchmaker.peers_ahead(self.state.round).items():
+                self._rounds_heard[peer_id] = max(round, self._rounds_heard.get(peer_id, 0))
+            self._rounds_heard = {p: r for p, r in self._rounds_heard.items() if r > self.state.round}
+            heard = self._rounds_heard
+            return [dataclasses.replace(p, round=max(p.round, heard.get(p.peer_id, 0))) for p in records]
+
+        others = with_heard(others)
+        now = time.monotonic()
+        if ask and now >= self._next_ask and not any(p.round >= self.state.round + min_lead for p in others):
+            self._next_ask = now + _ASK_EVERY_S  # a dead peer's record may linger: never stall each round
+            await self._ask_rounds([p for p in others if p.endpoint][:_ASK_AT_MOST])
+            others = with_heard(others)
+        return sorted(
             (p for p in others if p.endpoint and p.round >= self.state.round + min_lead),
             key=lambda p: -p.round,
         )
-        for rec in ahead[:3]:
+
+    async def _ask_rounds(self, records: list[PeerRecord]) -> None:
+        """Ask each peer's ``Health`` for its round (at once, ``_ASK_TIMEOUT_S`` each); note the answers."""
+
+        async def ask(rec: PeerRecord) -> None:
+            try:
+                reply = await self.hub.channels.stub(rec.endpoint).Health(
+                    pb.HealthRequest(), timeout=_ASK_TIMEOUT_S
+                )
+            except (grpc.RpcError, ValueError) as exc:
+                log.debug("Health of %s failed: %s", rec.peer_id[:8], exc)
+                return
+            if reply.peer_id == rec.peer_id and reply.run_id == self.config.run_id and reply.round < 2**63:
+                self._rounds_heard[rec.peer_id] = max(self._rounds_heard.get(rec.peer_id, 0), reply.round)
+
+        await asyncio.gather(*(ask(r) for r in records))
+
+    async def fetch_ahead(self, min_lead: int) -> tuple[str, Snapshot] | None:
+        """The state of the most advanced live peer, if it is at least ``min_lead`` rounds ahead."""
+        for rec in (await self.peers_ahead(min_lead))[:3]:
             try:
                 _received, snap = await download_state(
                     self.hub.channels,

@@ -23,7 +23,6 @@ from lioncub.optim.strategies import OuterState, make_strategy
 
 from .checkpoint import Checkpoint, CheckpointStore
 from .config import RunConfig, to_dict
-from .dht import DHTError
 from .local import LocalResult, LocalTrainer
 from .metrics import PeerMetrics
 from .node import PeerNode, PeerSettings, SetupError
@@ -160,15 +159,9 @@ class PeerRuntime:
             log.info("--resume: no checkpoint in %s yet, joining as a new peer", self.settings.checkpoint_dir)
         await self._catch_up(min_lead=1)
 
-    async def _behind(self, min_lead: int) -> bool:
+    async def _behind(self, min_lead: int, *, ask: bool = False) -> bool:
         """Whether some reachable peer is at least ``min_lead`` rounds ahead of this one."""
-        try:
-            peers = await self.node.registry.peers_async()
-        except DHTError:
-            return False
-        return any(
-            p.endpoint and p.round >= self.state.round + min_lead for p in peers if p.peer_id != self.peer_id
-        )
+        return bool(await self.node.peers_ahead(min_lead, ask=ask))
 
     async def _catch_up(self, min_lead: int) -> bool:
         got = await self.node.fetch_ahead(min_lead)
@@ -228,11 +221,14 @@ class PeerRuntime:
             # Gossip peers legitimately drift by a round or two while an exchange is in flight, and
             # a jump there would cost them their own progress: they only catch up between exchanges.
             settled = pending is None or cfg.rounds.group_size == 0
-            if settled and summary.rounds_completed and time.monotonic() >= next_check:
+            # Gossip peers may differ by a round; with everyone in one group, alone means behind,
+            # and then every round is checked (a round alone takes milliseconds: a rate-limited check
+            # would let a peer that was paused replay several rounds alone before it jumps).
+            suspect = self._last_alone and cfg.rounds.group_size == 0
+            if settled and summary.rounds_completed and (suspect or time.monotonic() >= next_check):
                 next_check = time.monotonic() + 0.5  # a registry read costs ~10 ms
-                # Gossip peers may differ by a round; with everyone in one group, alone means behind.
-                lead = 1 if self._last_alone and cfg.rounds.group_size == 0 else 2
-                if await self._behind(lead):
+                lead = 1 if suspect else 2
+                if await self._behind(lead, ask=suspect):
                     if pending is not None:
                         assert pending_local is not None
                         await self._after_round(await pending, pending_local, start, on_round)

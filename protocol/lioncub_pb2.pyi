@@ -179,7 +179,7 @@ class GroupAnnouncement(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., group_id: _Optional[str] = ..., leader_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardAssignment, _Mapping]]] = ..., total_numel: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class JoinGroupReply(_message.Message):
-    __slots__ = ("status", "reason", "group")
+    __slots__ = ("status", "reason", "group", "round")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[JoinGroupReply.Status]
@@ -195,10 +195,12 @@ class JoinGroupReply(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     status: JoinGroupReply.Status
     reason: str
     group: GroupAnnouncement
-    def __init__(self, status: _Optional[_Union[JoinGroupReply.Status, str]] = ..., reason: _Optional[str] = ..., group: _Optional[_Union[GroupAnnouncement, _Mapping]] = ...) -> None: ...
+    round: int
+    def __init__(self, status: _Optional[_Union[JoinGroupReply.Status, str]] = ..., reason: _Optional[str] = ..., group: _Optional[_Union[GroupAnnouncement, _Mapping]] = ..., round: _Optional[int] = ...) -> None: ...
 
 class StateRequest(_message.Message):
     __slots__ = ("protocol_version", "run_id", "peer", "admission", "signature")

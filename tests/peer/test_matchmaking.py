@@ -109,8 +109,12 @@ async def swarm(
     config: MatchmakingConfig = CONFIG,
     client: frozenset[str] = frozenset(),
     policy: AdmissionPolicy | None = None,
+    at_round: dict[str, int] | None = None,
 ) -> AsyncIterator[list[Peer]]:
-    """Registered peers with servers (none for client-mode ones) whose matchmakers serve JoinGroup."""
+    """Registered peers with servers (none for client-mode ones) whose matchmakers serve JoinGroup.
+
+    ``at_round``: the round some peers (by name) say they are at when they reject a join request.
+    """
     peers: list[Peer] = []
     try:
         for i, name in enumerate(names):
@@ -122,8 +126,16 @@ async def swarm(
             else:
                 server = await PeerServer.start("127.0.0.1:0", identity=ident)
                 info = peer_info(ident, endpoint=server.endpoint, bandwidth_mbps=100.0 + i)
+            said = (at_round or {}).get(name)
             matchmaker = Matchmaker(
-                dht, ident, run_id, info, total_numel=TOTAL_NUMEL, config=config, policy=policy
+                dht,
+                ident,
+                run_id,
+                info,
+                total_numel=TOTAL_NUMEL,
+                config=config,
+                policy=policy,
+                current_round=None if said is None else (lambda said=said: said),
             )
             if server is not None:
                 server.groups = matchmaker
@@ -349,6 +361,35 @@ def test_dead_leader_is_replaced(dhts: list[DHT]) -> None:
             assert set(first.members) == {p.peer_id for p in alive}
             assert elapsed < TIMEOUT + 1.0
             assert sum(p.matchmaker.stats.leader_failures for p in alive) >= 3
+
+    asyncio.run(main())
+
+
+def test_a_leader_that_moved_on_says_which_round_it_is_at(dhts: list[DHT]) -> None:
+    """A stale ready entry names a leader that is rounds ahead: its rejection tells the caller where.
+
+    (A peer resumed after a pause reads a stale DHT; the rejection is fresher evidence that it fell
+    behind than the registry, and the runtime jumps on it.)
+    """
+    run_id = "mm-ahead"
+    names = ["a0", "a1"]
+    round = 7
+    modes = {identity(n).peer_id: False for n in names}
+    leader_id = plan_groups(run_id, round, modes, 0)[0].leader
+    leader_name = next(n for n in names if identity(n).peer_id == leader_id)
+
+    async def main() -> None:
+        async with swarm(dhts, run_id, names, at_round={leader_name: 42}) as peers:
+            leader = next(p for p in peers if p.peer_id == leader_id)
+            behind = next(p for p in peers if p is not leader)
+            ready = ready_info(leader.matchmaker.peer_info, 10.0)
+            assert await post_ready_async(dhts[0], run_id, round, leader_id, ready, get_dht_time() + 30)
+            assert await behind.matchmaker.form_group(round, weight=10.0) is None
+            assert behind.matchmaker.stats.leader_failures == 1
+            assert behind.matchmaker.peers_ahead(round) == {leader_id: 42}
+            assert behind.matchmaker.peers_ahead(42) == {}, "hints at or below a round are dropped"
+            # A leader that does not say (0) leaves no hint.
+            assert leader.matchmaker.peers_ahead(0) == {}
 
     asyncio.run(main())
 
