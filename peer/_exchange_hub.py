@@ -85,6 +85,9 @@ class HubConfig:
         max_pull_wait_s: longest an owner holds a pull waiting for its result.
         chunk_bytes: payload bytes per chunk this peer sends (at most 1 MiB).
         push_grace_s: how long after the group's deadline a member keeps pushing (clock skew).
+        pull_grace_s: how long after the group's deadline a member still waits for an owner's
+            result: an owner missing a contribution (a member died after the group formed) reduces
+            what it has at the deadline, and its result must still reach the others.
         serve_wait: whether an owner's :func:`run_exchange` waits (until its deadline) for every
             contributor to pull its shard before returning, so that the outcome's byte counts are
             complete. Serving goes on either way while the round's slots are retained.
@@ -103,6 +106,7 @@ class HubConfig:
     max_pull_wait_s: float = 30.0
     chunk_bytes: int = MAX_CHUNK_BYTES
     push_grace_s: float = 0.5
+    pull_grace_s: float = 2.0
     serve_wait: bool = True
     max_waiting: int = 64
     max_buffered_bytes: int = 256 << 20

@@ -206,17 +206,20 @@ async def run_exchange(
         own_vec: this peer's full 1-D float vector (``plan.total_numel`` elements).
         reducer: how to encode / reduce / decode (a ``SyncStrategy`` or a ``MeanReducer``).
         weight: samples behind this peer's contribution (an integer >= 0).
-        deadline: wall-clock time (unix seconds, like ``plan.deadline_ms / 1000``, but later) by
-            which the exchange returns whatever happens; every call is bounded by it. Pushes stop
-            at the group's deadline (plus ``HubConfig.push_grace_s``).
+        deadline: wall-clock time (unix seconds, like ``plan.deadline_ms / 1000``) by which the
+            exchange returns whatever happens; every call is bounded by it, but it is never earlier
+            than the group's deadline plus ``HubConfig.pull_grace_s`` (owners that waited for a
+            missing member reduce at the group's deadline). Pushes stop at the group's deadline
+            (plus ``HubConfig.push_grace_s``).
 
     Raises ``ValueError`` for arguments that do not fit the plan; network failures never raise.
     """
     _check_args(hub, plan, exchange, own_vec, weight)
     me = hub.identity.peer_id
     start, wall = time.monotonic(), time.time()
-    until = start + (deadline - wall)
-    push_until = min(until, start + (plan.deadline_ms / 1000.0 - wall) + hub.config.push_grace_s)
+    group_end = start + (plan.deadline_ms / 1000.0 - wall)
+    until = max(start + (deadline - wall), group_end + hub.config.pull_grace_s)
+    push_until = min(until, group_end + hub.config.push_grace_s)
 
     parts = await asyncio.to_thread(_encode_shards, reducer, own_vec.detach(), plan.shards)
     encoded_at = time.monotonic()

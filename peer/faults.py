@@ -35,6 +35,7 @@ join --progress jsonl`` prints them as ``{"event": "fault", ...}`` lines, flushe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -195,15 +196,44 @@ class _FaultyChannels(ChannelPool):
 
 
 class FaultyMatchmaker(Matchmaker):
-    """A :class:`Matchmaker` that tells the injector when a group was agreed (for ``kill@...:at=group``)."""
+    """A :class:`Matchmaker` that tells the injector when a group was agreed (for ``kill@...:at=group``).
+
+    A group is agreed for a leader once its followers have the announcement: a leader that died
+    the moment it announced would leave them without a group (a dead leader, not a dead member).
+    """
 
     injector: FaultInjector | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._announced: dict[int, set[str]] = {}  # round -> followers whose JoinGroup got the group
+        self._announced_changed = asyncio.Event()
+
+    async def join_group(
+        self, request: pb.JoinGroupRequest, call: CallInfo
+    ) -> AsyncIterator[pb.JoinGroupReply]:
+        async for reply in super().join_group(request, call):
+            yield reply  # resumes once gRPC wrote the reply
+            if reply.status == pb.JoinGroupReply.STATUS_GROUP_READY:
+                self._announced.setdefault(request.round, set()).add(request.peer.peer_id)
+                self._announced_changed.set()
 
     async def form_group(self, round: int, weight: float, deadline: float | None = None) -> GroupPlan | None:
         plan = await super().form_group(round, weight, deadline)
         if plan is not None and self.injector is not None:
+            if plan.leader_id == self.peer_id and self.injector.kills_at_group(round):
+                await self._delivered(round, set(plan.members) - {self.peer_id})
             self.injector.group_formed(round)
+        self._announced.pop(round, None)
         return plan
+
+    async def _delivered(self, round: int, followers: set[str]) -> None:
+        """Until every follower's JoinGroup call got the announcement (bounded by the exchange timeout)."""
+        end = time.monotonic() + self.config.exchange_timeout
+        while not followers <= self._announced.get(round, set()) and time.monotonic() < end:
+            self._announced_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._announced_changed.wait(), end - time.monotonic())
 
 
 class FaultInjector:
@@ -262,6 +292,10 @@ class FaultInjector:
             if round >= fault.round:
                 self._fired.add(fault)
                 self._cut(fault, round)
+
+    def kills_at_group(self, round: int) -> bool:
+        """Whether :meth:`group_formed` for matchmaking round ``round`` will kill this peer."""
+        return any(f.at == "group" and round + 1 >= f.round for f in self._of("kill"))
 
     def group_formed(self, round: int) -> None:
         """The group of matchmaking round ``round`` (whose exchange completes round ``round + 1``,
