@@ -122,8 +122,11 @@ class PeerSettings:
     adversary: str | None = None
 
 
-async def _resolve_config(dht: Any, settings: PeerSettings, config: RunConfig | None) -> RunConfig:
-    """The run to take part in: the one published in the DHT, or ``config``, which is then published."""
+async def _resolve_config(
+    dht: Any, settings: PeerSettings, config: RunConfig | None
+) -> tuple[RunConfig, bool]:
+    """The run to take part in: the one published in the DHT (then True), or ``config``, which is
+    then published (False)."""
     run_id = settings.run_id or (config.run_id if config is not None else None)
     if run_id is None:
         runs = await list_runs_async(dht)
@@ -141,7 +144,7 @@ async def _resolve_config(dht: Any, settings: PeerSettings, config: RunConfig | 
             raise SetupError(f"the run config published for {run_id!r} is invalid: {exc}") from exc
         if config is not None and to_dict(config) != doc and config.run_id == run_id:
             log.warning("run %s already exists; using its published config, not the local one", run_id)
-        return remote
+        return remote, True
     if config is None:
         if settings.run_id is not None:
             raise SetupError(f"run {settings.run_id!r} is not published in the DHT; start it with --task")
@@ -150,7 +153,7 @@ async def _resolve_config(dht: Any, settings: PeerSettings, config: RunConfig | 
         config = from_dict(RunConfig, {**to_dict(config), "run_id": run_id})
     await publish_run_config_async(dht, run_id, to_dict(config), ttl=_CONFIG_TTL)
     log.info("published the config of new run %s", run_id)
-    return config
+    return config, False
 
 
 class PeerNode:
@@ -172,6 +175,8 @@ class PeerNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._next_ask = 0.0
+        #: Whether the run's config was already published in the DHT (this peer did not start it).
+        self.existing_run = False
         self._rounds_heard: dict[str, int] = {}  # peer id -> a round it said it is at, fresher than the DHT
 
     @classmethod
@@ -190,7 +195,10 @@ class PeerNode:
         except DHTError as exc:
             raise SetupError(str(exc)) from exc
         try:
-            return cls(settings, await _resolve_config(dht, settings, config), identity, dht)
+            resolved, existing = await _resolve_config(dht, settings, config)
+            node = cls(settings, resolved, identity, dht)
+            node.existing_run = existing
+            return node
         except BaseException:
             shutdown_dht(dht)
             raise

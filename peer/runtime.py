@@ -23,6 +23,7 @@ from lioncub.optim.strategies import OuterState, make_strategy
 
 from .checkpoint import Checkpoint, CheckpointStore
 from .config import RunConfig, to_dict
+from .dht import DHTError
 from .local import LocalResult, LocalTrainer
 from .metrics import PeerMetrics
 from .node import PeerNode, PeerSettings, SetupError
@@ -54,6 +55,8 @@ class RunSummary:
     samples: int = 0
     anchor_sha256: str = ""
     joined_from: str | None = None
+    #: This peer found the run's config in the DHT but no live peer: the run started over from round 0.
+    restarted_run: bool = False
     resumed_round: int | None = None
     consensus_distance: float | None = None
 
@@ -157,7 +160,20 @@ class PeerRuntime:
                 log.info("resumed from checkpoint of round %d", ckpt.round)
                 return
             log.info("--resume: no checkpoint in %s yet, joining as a new peer", self.settings.checkpoint_dir)
-        await self._catch_up(min_lead=1)
+        if not await self._catch_up(min_lead=1) and self.node.existing_run and not await self._others_live():
+            log.warning(
+                "run %s is published in the DHT but no live peer serves its state: it starts over from "
+                "round 0 with a fresh model (to continue it, restart a peer that has a checkpoint with "
+                "--resume; to start a new run, pass another --run-id)",
+                self.config.run_id,
+            )
+            self.summary.restarted_run = True
+
+    async def _others_live(self) -> bool:
+        try:
+            return any(p.peer_id != self.peer_id for p in await self.node.registry.peers_async())
+        except DHTError:
+            return True  # unknown: no warning
 
     async def _behind(self, min_lead: int, *, ask: bool = False) -> bool:
         """Whether some reachable peer is at least ``min_lead`` rounds ahead of this one."""

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from lioncub.peer.checkpoint import CheckpointStore
-from tests.peer._swarm import FAST, Swarm, descendants, live
+from tests.peer._swarm import FAST, START_TIMEOUT, Swarm, descendants, live
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -144,3 +144,21 @@ def test_a_peer_that_fell_behind_catches_up(tmp_path: Path) -> None:
         f"{behind} to get there instead of jumping (no catch-up)"
     )
     assert summaries[2]["joined_from"] in {peers[0].peer_id, peers[1].peer_id}
+
+
+def test_joining_a_run_that_no_live_peer_serves_warns_that_it_starts_over(tmp_path: Path) -> None:
+    """The run's config outlives its peers in the DHT: a late peer then starts it over from round 0,
+    and says so (it cannot know the model the dead run had trained)."""
+    with Swarm(tmp_path) as swarm:
+        boot = swarm.bootstrap()
+        first = swarm.join(
+            "first", "--task", "tiny", "--run-id", "orphan", *FAST, "--max-rounds", "3", dht=[boot]
+        )
+        done = first.exit_ok(START_TIMEOUT + EXIT_TIMEOUT)
+        late = swarm.join("late", "--run-id", "orphan", "--max-rounds", "2", dht=[boot])
+        again = late.exit_ok(START_TIMEOUT + EXIT_TIMEOUT)
+
+    assert done["rounds_completed"] == 3 and not done["restarted_run"]
+    assert again["run_id"] == "orphan"
+    assert again["restarted_run"] and again["first_round"] == 0 and again["joined_from"] is None
+    assert "no live peer serves its state" in late.output(), late.describe()
