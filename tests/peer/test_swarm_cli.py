@@ -73,8 +73,12 @@ def test_errors_exit_with_clear_messages(tmp_path: Path) -> None:
 
 
 def test_second_ctrl_c_exits_at_once_and_leaves_no_orphans(tmp_path: Path) -> None:
+    # From round 2 on a round takes seconds (the test-only straggler fault), so the graceful stop the
+    # first Ctrl-C asks for is still finishing its round when the second one comes (a lone peer's
+    # normal round takes milliseconds: the stop could end before the second signal is sent).
+    slow = ["--fault", "slow@factor=0.002:round=2"]
     with Swarm(tmp_path) as swarm:
-        peer = swarm.join("peer", "--task", "tiny", *FAST)
+        peer = swarm.join("peer", "--task", "tiny", *FAST, *slow)
         peer.wait_round(2, ROUND_TIMEOUT)
         children = descendants(peer.pid)
         names = {c.name() for c in children}
