@@ -40,10 +40,11 @@ class ByteBudget:
         self.limit = limit
         self.used = 0
         self.peak = 0
+        self.waiting = 0  # holds waiting for room right now
         self._freed = asyncio.Event()
 
     def __repr__(self) -> str:
-        return f"ByteBudget(used={self.used}, limit={self.limit}, peak={self.peak})"
+        return f"ByteBudget(used={self.used}, limit={self.limit}, peak={self.peak}, waiting={self.waiting})"
 
     def _try_set(self, hold: BufferHold, nbytes: int) -> bool:
         others = self.used - hold.nbytes
@@ -62,10 +63,13 @@ class ByteBudget:
 
     async def _wait_freed(self, timeout: float) -> bool:
         freed = self._freed
+        self.waiting += 1
         try:
             await asyncio.wait_for(freed.wait(), timeout)
         except TimeoutError:
             return False
+        finally:
+            self.waiting -= 1
         return True
 
 

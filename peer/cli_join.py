@@ -86,7 +86,13 @@ def add_join_parser(sub: Any) -> None:
     p.add_argument("--min-peers", type=int, default=1, help="wait for this many peers before round 0")
     p.add_argument("--start-timeout", type=float, default=120.0, help="longest wait for --min-peers (s)")
     p.add_argument("--swarm-key", type=Path, default=None, help="file with the swarm's shared secret")
-    p.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar", help="how to show progress")
+    p.add_argument(
+        "--progress",
+        choices=("bar", "jsonl", "none"),
+        default="bar",
+        help="how to show progress (jsonl: one JSON event per line on stdout: started, round, stopping, "
+        "fault, finished)",
+    )
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     p.add_argument("--check-config", action="store_true", help="validate flags and config, print them, exit")
     p.add_argument(
@@ -212,6 +218,7 @@ async def _run(
         if hits > 1:
             _hard_exit()
         console.print("[yellow]stopping after this round (Ctrl-C again to quit at once)[/]")
+        _emit(args, {"event": "stopping", "peer_id": runtime.peer_id, "round": runtime.node.state.round})
         runtime.stop_event.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):

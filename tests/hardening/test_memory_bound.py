@@ -58,8 +58,11 @@ def test_waiting_hold_is_woken_by_a_release_and_times_out_otherwise() -> None:
         first, second = BufferHold(budget), BufferHold(budget)
         first.resize_now(80, "first")
         waiter = asyncio.create_task(second.resize(50, loop.time() + 60, "second"))
-        await asyncio.sleep(0)  # let it start waiting (a yield, not a timed wait)
-        assert not waiter.done()
+        for _ in range(100):  # bounded: a few loop turns until the waiter is parked on the budget
+            if budget.waiting:
+                break
+            await asyncio.sleep(0)
+        assert budget.waiting == 1 and not waiter.done()
         first.release()
         await waiter  # woken by the release
         assert budget.used == 50

@@ -11,7 +11,6 @@ import psutil
 import pytest
 
 from tests.peer._swarm import FAST, START_TIMEOUT, PeerProc, Swarm, descendants, live
-from tests.peer._util import wait_until
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -85,10 +84,8 @@ def test_second_ctrl_c_exits_at_once_and_leaves_no_orphans(tmp_path: Path) -> No
         assert "p2pd" in names, f"expected the DHT's p2pd among {names}"
         peer.signal(signal.SIGINT)
 
-        # The first Ctrl-C asks for a graceful stop; wait until the peer said so (stdout or stderr).
-        wait_until(
-            lambda: "stopping after this round" in peer.output(), ROUND_TIMEOUT, what="the first Ctrl-C"
-        )
+        # The first Ctrl-C asks for a graceful stop; wait until the peer said so (its jsonl event).
+        peer.wait_for(lambda e: e["event"] == "stopping", ROUND_TIMEOUT, "the 'stopping' event")
         t_second = time.monotonic()
         peer.signal(signal.SIGINT)
         code = peer.wait_exit(EXIT_TIMEOUT)
