@@ -10,13 +10,16 @@ started and reaps every descendant they left (the test process is a child subrea
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -102,6 +105,12 @@ def _is_json_object(line: str) -> bool:
         return False
 
 
+def _unread_bytes(fd: int) -> int:
+    """Bytes waiting in a pipe (FIONREAD)."""
+    (count,) = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))
+    return int(count)
+
+
 def _kill_tree(pid: int) -> None:
     procs = descendants(pid)
     with contextlib.suppress(psutil.NoSuchProcess):
@@ -128,8 +137,7 @@ class PeerProc:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
-            text=True,
-            bufsize=1,
+            bufsize=0,  # the reader thread does its own line splitting (see _read)
         )
         self.events: list[Event] = []
         self.spawned_at = time.monotonic()
@@ -139,6 +147,7 @@ class PeerProc:
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._eof = False
+        self._reading = False  # the reader thread is in (or about to enter) a read of the pipe
         self._reader = threading.Thread(target=self._read, name=f"read-{name}", daemon=True)
         self._reader.start()
 
@@ -147,24 +156,56 @@ class PeerProc:
         return self.proc.pid
 
     def _read(self) -> None:
+        # os.read on the raw pipe, not a buffered file: with nothing left in the pipe and this thread
+        # back in a read, every line the child wrote so far is in ``lines`` (see :meth:`drained`).
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
+        fd, pending = self.proc.stdout.fileno(), b""
+        while True:
             with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                try:
-                    doc = json.loads(line)
-                except ValueError:
-                    doc = None
-                if isinstance(doc, dict) and "event" in doc:
-                    doc["_t"] = time.monotonic()  # when the harness read it
-                    self.events.append(doc)
+                self._reading = True
                 self._cond.notify_all()
+            data = os.read(fd, 1 << 16)
+            with self._cond:
+                self._reading = False
+            if not data:
+                break
+            *lines, pending = (pending + data).split(b"\n")
+            for raw in lines:
+                self._take(raw.decode("utf-8", errors="replace"))
+        if pending:
+            self._take(pending.decode("utf-8", errors="replace"))
         with self._cond:
             self._eof = True
             self.eof_at = time.monotonic()
             self._cond.notify_all()
 
+    def _take(self, line: str) -> None:
+        with self._cond:
+            self.lines.append(line)
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                doc = None
+            if isinstance(doc, dict) and "event" in doc:
+                doc["_t"] = time.monotonic()  # when the harness read it
+                self.events.append(doc)
+            self._cond.notify_all()
+
     # -- waiting --------------------------------------------------------------------------------
+
+    def drained(self, timeout: float = 10.0) -> None:
+        """Wait until the harness has read everything the child wrote so far (nothing is left in the
+        pipe and the reader is back in a read). Meant for a child that writes nothing more, e.g. one
+        stopped with SIGSTOP: then :meth:`rounds` is exactly what it logged before."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not (self._eof or (self._reading and _unread_bytes(fd) == 0)):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{self.name}: stdout not drained after {timeout:.0f} s")
+                self._cond.wait(min(left, 0.05))
 
     def wait_for(self, predicate: Callable[[Event], bool], timeout: float, what: str) -> Event:
         """The first event that satisfies ``predicate``; fails after ``timeout`` s or if stdout closed."""

@@ -125,11 +125,9 @@ def test_a_peer_that_fell_behind_catches_up(tmp_path: Path) -> None:
         leader, slow = peers[0], peers[2]
         slow.proc.send_signal(signal.SIGSTOP)  # a laptop lid closed, a long GC pause...
         try:
-            # The harness may not have read the slow peer's last lines yet: the swarm's progress bounds
-            # what it wrote before the stop, and while the swarm goes `lag` rounds on, the reader drains.
-            at_stop = leader.rounds()[-1]["round"]
-            target = leader.wait_round(at_stop + lag + 1, ROUND_TIMEOUT)["round"]
+            slow.drained()  # every round it logged before the stop has been read
             stopped_at = slow.rounds()[-1]["round"]
+            target = leader.wait_round(stopped_at + lag, ROUND_TIMEOUT)["round"]
         finally:
             slow.proc.send_signal(signal.SIGCONT)
         reached = slow.wait_round(target, ROUND_TIMEOUT)
