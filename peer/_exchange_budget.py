@@ -103,9 +103,13 @@ class BufferHold:
         self.budget._try_set(self, 0)
 
 
-async def next_chunk(items: AsyncIterator[pb.Chunk], deadline: float, what: str) -> pb.Chunk | None:
-    """The stream's next chunk, None at its end; :class:`SlowStream` if none came by ``deadline``."""
-    remaining = deadline - asyncio.get_running_loop().time()
+async def next_chunk(
+    items: AsyncIterator[pb.Chunk], stream_end: float, chunk_timeout: float, what: str
+) -> pb.Chunk | None:
+    """The stream's next chunk, None at its end; :class:`SlowStream` if none came within
+    ``chunk_timeout`` seconds or by ``stream_end`` (loop time)."""
+    now = asyncio.get_running_loop().time()
+    remaining = min(stream_end, now + chunk_timeout) - now
     try:
         if remaining <= 0:
             raise TimeoutError

@@ -167,8 +167,8 @@ class ExchangeHub:
         self._round: int | None = None
         self._changed = asyncio.Event()
         self._waiting = 0
-        self._budget: ByteBudget | None = None  # made on first use: needs the running loop
-        self._unverified: ByteBudget | None = None
+        self._budget = ByteBudget(self.config.max_buffered_bytes)
+        self._unverified = ByteBudget(self.config.max_unverified_bytes)
 
     def __repr__(self) -> str:
         return f"ExchangeHub(peer_id={self.identity.peer_id!r}, run_id={self.run_id!r}, round={self._round})"
@@ -181,12 +181,12 @@ class ExchangeHub:
     @property
     def buffered_bytes(self) -> int:
         """Push bytes held by the streams being received now, verified or not (module docstring)."""
-        return sum(b.used for b in (self._budget, self._unverified) if b is not None)
+        return self._budget.used + self._unverified.used
 
     @property
     def peak_buffered_bytes(self) -> int:
         """The most push bytes held at once since the hub was made (verified peak + unverified peak)."""
-        return sum(b.peak for b in (self._budget, self._unverified) if b is not None)
+        return self._budget.peak + self._unverified.peak
 
     def slot(self, key: SlotKey) -> ShardSlot | None:
         """The slot of a shard this peer owns, while its round is retained."""
@@ -309,9 +309,6 @@ class ExchangeHub:
 
     async def push_shard(self, chunks: AsyncIterator[pb.Chunk], call: CallInfo) -> pb.PushAck:
         """Take one member's contribution to a shard this peer owns."""
-        if self._budget is None or self._unverified is None:
-            self._budget = ByteBudget(self.config.max_buffered_bytes)
-            self._unverified = ByteBudget(self.config.max_unverified_bytes)
         hold, first_hold = BufferHold(self._budget), BufferHold(self._unverified)
         try:
             return await self._receive_push(aiter(chunks), call, hold, first_hold)
@@ -325,7 +322,7 @@ class ExchangeHub:
         loop = asyncio.get_running_loop()
         cfg = self.config
         stream_end = loop.time() + cfg.max_push_s
-        first = await next_chunk(items, min(stream_end, loop.time() + cfg.chunk_timeout_s), "push")
+        first = await next_chunk(items, stream_end, cfg.chunk_timeout_s, "push")
         if first is None:
             raise ChunkOrderError("push stream ended before its first chunk")
         first_hold.resize_now(len(first.data), "push")  # unverified: never waits for room
@@ -351,14 +348,14 @@ class ExchangeHub:
             await hold.resize(h.payload_nbytes, stream_end, what)
             first_hold.release()  # the first chunk is part of the payload now held
             while payload is None:
-                chunk = await next_chunk(items, min(stream_end, loop.time() + cfg.chunk_timeout_s), what)
+                chunk = await next_chunk(items, stream_end, cfg.chunk_timeout_s, what)
                 if chunk is None:
                     payload = reassembler.finish()  # raises: the stream ended early
                     break
                 slot.traffic.received += wire_size(chunk)
                 slot.check_open()  # closed meanwhile: stop buffering a contribution that cannot count
                 payload = reassembler.feed(chunk)
-            if await next_chunk(items, min(stream_end, loop.time() + cfg.chunk_timeout_s), what) is not None:
+            if await next_chunk(items, stream_end, cfg.chunk_timeout_s, what) is not None:
                 raise ChunkOrderError("chunk after the last one of the payload")
         except BaseException:
             slot.release(sender)

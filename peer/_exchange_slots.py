@@ -202,8 +202,13 @@ class ShardSlot:
         weights = [self._parts[p][1] for p in order]
         if not any(weights):
             weights = [1] * len(weights)
+        # A reducer that weighs voters by identity (TrustedVoteReducer) is told whose parts these are.
+        reduce_from = getattr(self._reducer, "reduce_from", None)
         try:
-            result = await asyncio.to_thread(self._reducer.reduce, parts, weights)
+            if reduce_from is not None:
+                result = await asyncio.to_thread(reduce_from, order, parts, weights)
+            else:
+                result = await asyncio.to_thread(self._reducer.reduce, parts, weights)
             chunks = await asyncio.to_thread(
                 chunk_payload,
                 self.plan.key(pb.PURPOSE_RESULT, self.key.exchange, self.key.shard_index),

@@ -202,10 +202,9 @@ class FaultyMatchmaker(Matchmaker):
     the moment it announced would leave them without a group (a dead leader, not a dead member).
     """
 
-    injector: FaultInjector | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, injector: FaultInjector, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.injector = injector
         self._announced: dict[int, set[str]] = {}  # round -> followers whose JoinGroup got the group
         self._announced_changed = asyncio.Event()
 
@@ -220,7 +219,7 @@ class FaultyMatchmaker(Matchmaker):
 
     async def form_group(self, round: int, weight: float, deadline: float | None = None) -> GroupPlan | None:
         plan = await super().form_group(round, weight, deadline)
-        if plan is not None and self.injector is not None:
+        if plan is not None:
             if plan.leader_id == self.peer_id and self.injector.kills_at_group(round):
                 await self._delivered(round, set(plan.members) - {self.peer_id})
             self.injector.group_formed(round)
@@ -293,18 +292,20 @@ class FaultInjector:
                 self._fired.add(fault)
                 self._cut(fault, round)
 
+    def _group_kills(self, round: int) -> list[Fault]:
+        return [f for f in self._of("kill") if f.at == "group" and round + 1 >= f.round]
+
     def kills_at_group(self, round: int) -> bool:
         """Whether :meth:`group_formed` for matchmaking round ``round`` will kill this peer."""
-        return any(f.at == "group" and round + 1 >= f.round for f in self._of("kill"))
+        return bool(self._group_kills(round))
 
     def group_formed(self, round: int) -> None:
         """The group of matchmaking round ``round`` (whose exchange completes round ``round + 1``,
         the number round events show) was agreed: ``kill@...:at=group`` fires before data moves."""
-        for fault in self._of("kill"):
-            if fault.at == "group" and round + 1 >= fault.round:
-                self._fired.add(fault)
-                self._report(fault, round=round + 1)
-                _die(f"{fault} with its group for round {round + 1} agreed")
+        for fault in self._group_kills(round):
+            self._fired.add(fault)
+            self._report(fault, round=round + 1)
+            _die(f"{fault} with its group for round {round + 1} agreed")
 
     def slow_factor(self, round: int) -> float:
         """This peer's speed at ``round`` as a fraction of its own (1.0 when not slowed)."""

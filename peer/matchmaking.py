@@ -152,8 +152,12 @@ class Matchmaker:
     def peer_id(self) -> str:
         return self.identity.peer_id
 
+    def note_round(self, peer_id: str, round: int) -> None:
+        """Remember that ``peer_id`` said it is at ``round`` (a rejected join request, a Health call)."""
+        self._ahead[peer_id] = max(round, self._ahead.get(peer_id, 0))
+
     def peers_ahead(self, round: int) -> dict[str, int]:
-        """Peers that, rejecting this peer's join requests, said they are past ``round``: id → round."""
+        """Peers that said they are past ``round`` (see :meth:`note_round`): id → round."""
         self._ahead = {p: r for p, r in self._ahead.items() if r > round}
         return dict(self._ahead)
 
@@ -260,7 +264,7 @@ class Matchmaker:
                 self._log(logging.INFO, r, "leader %s failed (%s); choosing another", leader.peer_id[:8], e)
                 excluded.add(leader.peer_id)
                 if e.leader_round > r:
-                    self._ahead[leader.peer_id] = e.leader_round
+                    self.note_round(leader.peer_id, e.leader_round)
                 ready.update(await self._board.read(r, me, end, quiet=True))
                 continue
             state.disband(f"this peer joined the group of {leader.peer_id} in round {r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from .exchange import ExchangeHub, HubConfig
 from .faults import FaultInjector, FaultyMatchmaker
 from .groups import peer_info
 from .matchmaking import Matchmaker, MatchmakingConfig
-from .reachability import DialBack, Reachability, probe_reachability
+from .reachability import DialBack, probe_reachability
 from .rounds import RoundEngine
 from .server import HealthInfo, PeerServer
 from .state_service import Snapshot, StateDownloadError, StateService, download_state
@@ -156,6 +157,16 @@ async def _resolve_config(
     return config, False
 
 
+async def _start_dht(settings: PeerSettings, client_mode: bool, what: str = "") -> Any:
+    """This peer's DHT node; a :class:`SetupError` (prefixed with ``what``) if it cannot start."""
+    try:
+        return await start_dht_async(
+            settings.initial_peers, host=settings.dht_host, port=settings.dht_port, client_mode=client_mode
+        )
+    except DHTError as exc:
+        raise SetupError(f"{what}{exc}") from exc
+
+
 class PeerNode:
     """Identity, DHT, server and round engine of one peer. See the module docstring."""
 
@@ -168,7 +179,6 @@ class PeerNode:
         self.server: PeerServer | None = None
         #: Whether this peer takes part as a client (set, or detected by :meth:`start`).
         self.client_mode = settings.client_mode
-        self.reachability: Reachability | None = None
         self.record_fn: Callable[[], dict[str, Any]] = dict
         #: Test-only fault injection (None unless ``settings.faults``).
         self.faults = FaultInjector.from_specs(settings.faults) if settings.faults else None
@@ -177,7 +187,6 @@ class PeerNode:
         self._next_ask = 0.0
         #: Whether the run's config was already published in the DHT (this peer did not start it).
         self.existing_run = False
-        self._rounds_heard: dict[str, int] = {}  # peer id -> a round it said it is at, fresher than the DHT
 
     @classmethod
     async def create(cls, settings: PeerSettings, config: RunConfig | None = None) -> PeerNode:
@@ -185,15 +194,7 @@ class PeerNode:
         identity = (
             Identity.load_or_create(settings.identity_path) if settings.identity_path else Identity.generate()
         )
-        try:
-            dht = await start_dht_async(
-                settings.initial_peers,
-                host=settings.dht_host,
-                port=settings.dht_port,
-                client_mode=settings.client_mode,
-            )
-        except DHTError as exc:
-            raise SetupError(str(exc)) from exc
+        dht = await _start_dht(settings, settings.client_mode)
         try:
             resolved, existing = await _resolve_config(dht, settings, config)
             node = cls(settings, resolved, identity, dht)
@@ -230,7 +231,10 @@ class PeerNode:
         self.info = peer_info(
             self.identity, endpoint=endpoint, client_mode=self.client_mode, bandwidth_mbps=s.bandwidth_mbps
         )
-        self.matchmaker = (Matchmaker if self.faults is None else FaultyMatchmaker)(
+        make = (
+            Matchmaker if self.faults is None else functools.partial(FaultyMatchmaker, injector=self.faults)
+        )
+        self.matchmaker = make(
             self.dht,
             self.identity,
             cfg.run_id,
@@ -252,8 +256,6 @@ class PeerNode:
             self.server.groups = self.matchmaker
             self.server.state = self.state_service
         if self.faults is not None:
-            if isinstance(self.matchmaker, FaultyMatchmaker):
-                self.matchmaker.injector = self.faults
             self.faults.attach(self.server)
         self.engine = RoundEngine(
             strategy,
@@ -281,8 +283,7 @@ class PeerNode:
         if not others:
             log.info("no other reachable peer yet: assuming this one is reachable")
             return True
-        self.reachability = await probe_reachability(others, port=port, peer_id=self.peer_id)
-        verdict = self.reachability
+        verdict = await probe_reachability(others, port=port, peer_id=self.peer_id)
         if verdict.reachable is None:
             log.info("no peer answered the reachability check: assuming this one is reachable")
         elif verdict.reachable:
@@ -301,12 +302,7 @@ class PeerNode:
         s = self.settings
         old, self.dht = self.dht, None
         await asyncio.to_thread(shutdown_dht, old)
-        try:
-            self.dht = await start_dht_async(
-                s.initial_peers, host=s.dht_host, port=s.dht_port, client_mode=True
-            )
-        except DHTError as exc:
-            raise SetupError(f"could not rejoin the DHT in client mode: {exc}") from exc
+        self.dht = await _start_dht(s, client_mode=True, what="could not rejoin the DHT in client mode: ")
         self.registry = SwarmRegistry(self.dht, self.config.run_id, ttl=s.peer_ttl)
 
     def go_live(self) -> None:
@@ -362,10 +358,7 @@ class PeerNode:
             return []
 
         def with_heard(records: list[PeerRecord]) -> list[PeerRecord]:
-            for peer_id, round in self.matchmaker.peers_ahead(self.state.round).items():
-                self._rounds_heard[peer_id] = max(round, self._rounds_heard.get(peer_id, 0))
-            self._rounds_heard = {p: r for p, r in self._rounds_heard.items() if r > self.state.round}
-            heard = self._rounds_heard
+            heard = self.matchmaker.peers_ahead(self.state.round)
             return [dataclasses.replace(p, round=max(p.round, heard.get(p.peer_id, 0))) for p in records]
 
         others = with_heard(others)
@@ -391,7 +384,7 @@ class PeerNode:
                 log.debug("Health of %s failed: %s", rec.peer_id[:8], exc)
                 return
             if reply.peer_id == rec.peer_id and reply.run_id == self.config.run_id and reply.round < 2**63:
-                self._rounds_heard[rec.peer_id] = max(self._rounds_heard.get(rec.peer_id, 0), reply.round)
+                self.matchmaker.note_round(rec.peer_id, reply.round)
 
         await asyncio.gather(*(ask(r) for r in records))
 

@@ -32,6 +32,7 @@ import grpc.aio
 from lioncub.protocol import InvalidMessage, Unavailable, grpc_message_options
 from lioncub.protocol import lioncub_pb2 as pb
 from lioncub.protocol import lioncub_pb2_grpc as pb_grpc
+from lioncub.protocol.validate import check_id
 
 from .server import CallInfo
 
@@ -54,7 +55,6 @@ DIAL_TIMEOUT_S = 3.0
 MAX_CONCURRENT = 4
 #: Checkers a peer asks.
 PROBES = 3
-_MAX_PEER_ID = 128
 
 
 class Busy(Unavailable):
@@ -92,8 +92,7 @@ class DialBack:
         """Dial ``observed host:request.port``; answer whether the caller's own server replied."""
         if not 1 <= request.port <= 65535:
             raise InvalidMessage(f"port must be in 1..65535, got {request.port}")
-        if not request.peer_id or len(request.peer_id) > _MAX_PEER_ID:
-            raise InvalidMessage("peer_id must be a non-empty peer id")
+        check_id("peer_id", request.peer_id)
         host = observed_host(call.peer)
         if host is None:
             raise InvalidMessage(f"cannot dial back a caller at {call.peer!r:.80}")

@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from lioncub.optim.codec import Encoded
 from lioncub.optim.reducers import MeanReducer, Reducer, TrustedVoteReducer
 from lioncub.optim.robust import AgreementTracker, TrustConfig
 from lioncub.optim.schedules import SyncSchedule
@@ -24,7 +22,7 @@ from lioncub.optim.strategies import OuterState, SyncStrategy
 from lioncub.protocol import GroupPlan
 
 from .adversary import Adversary, push_forgeries
-from .exchange import ExchangeHub, SlotKey, run_exchange
+from .exchange import ExchangeHub, run_exchange
 from .matchmaking import Matchmaker
 
 __all__ = ["RoundEngine", "RoundReport"]
@@ -50,39 +48,6 @@ class RoundReport:
     failures: list[str] = field(default_factory=list)
     #: This peer's trust (< 1 only) in the voters of the shard it owned this round.
     distrusted: dict[str, float] = field(default_factory=dict)
-
-
-class _ScoredVotes:
-    """The update reducer of one exchange: the owner weighs its shard's voters by verified id.
-
-    The hub's slot reduces the counted parts in member order (sorted peer ids, see
-    :mod:`lioncub.optim.reducers`), and ``ShardSlot.received`` says whose parts those are.
-    """
-
-    def __init__(self, trusted: TrustedVoteReducer, hub: ExchangeHub, plan: GroupPlan, exchange: str) -> None:
-        self.trusted, self.hub, self.plan, self.exchange = trusted, hub, plan, exchange
-
-    def encode(self, vec: torch.Tensor) -> Encoded:
-        return self.trusted.encode(vec)
-
-    def reduce(self, parts: Sequence[Encoded], weights: Sequence[int] | None = None) -> Encoded:
-        me = self.hub.identity.peer_id
-        own = next((s.index for s in self.plan.shards if s.owner_id == me), None)
-        slot = (
-            None
-            if own is None
-            else self.hub.slot(SlotKey(self.plan.round, self.plan.group_id, self.exchange, own))
-        )
-        senders = [] if slot is None else [m for m in self.plan.members if m in slot.received]
-        if len(senders) != len(parts):  # cannot attribute the parts: no scoring this time
-            return self.trusted.reduce(parts, weights)
-        return self.trusted.reduce_from(senders, parts, weights)
-
-    def decode(self, result: Encoded) -> torch.Tensor:
-        return self.trusted.decode(result)
-
-    def local_fallback(self, own_part: Encoded, weight: int = 1) -> Encoded:
-        return self.trusted.local_fallback(own_part, weight)
 
 
 class RoundEngine:
@@ -169,8 +134,7 @@ class RoundEngine:
         t0 = time.monotonic()
         trusted = None
         if name == "update" and self._scored and isinstance(reducer, SyncStrategy):
-            trusted = TrustedVoteReducer(reducer, self.tracker, self.hub.identity.peer_id)
-            reducer = _ScoredVotes(trusted, self.hub, plan, name)
+            reducer = trusted = TrustedVoteReducer(reducer, self.tracker, self.hub.identity.peer_id)
         deadline = time.time() + self.exchange_timeout
         if self.adversary is None:
             outcome = await run_exchange(self.hub, plan, name, vec, reducer, int(weight), deadline=deadline)

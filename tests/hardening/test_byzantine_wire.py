@@ -20,7 +20,6 @@ from lioncub.optim.strategies import StrategyConfig, make_strategy
 from lioncub.optim.vote import majority_vote
 from lioncub.peer.adversary import Adversary, push_forgeries
 from lioncub.peer.exchange import HubConfig, run_exchange
-from lioncub.peer.rounds import _ScoredVotes
 from tests.peer.test_exchange import Swarm, reference
 
 pytestmark = pytest.mark.network
@@ -92,12 +91,7 @@ def test_owners_score_each_voter_by_its_verified_id() -> None:
                         plans[p],
                         "update",
                         vecs[p],
-                        _ScoredVotes(
-                            TrustedVoteReducer(STRATEGY, trackers[p], p),
-                            swarm.by_id(p).hub,
-                            plans[p],
-                            "update",
-                        ),
+                        TrustedVoteReducer(STRATEGY, trackers[p], p),
                         1,
                         deadline=deadline,
                     )
