@@ -31,6 +31,7 @@ __all__ = [
     "PBitCodec",
     "SignCodec",
     "TernaryCodec",
+    "check_packed_structure",
     "get_codec",
 ]
 
@@ -290,12 +291,20 @@ class TernaryCodec(Codec):
         nonzero = bp.pack_bool(~zero) if bool(zero.any()) else None
         return self.from_planes(bp.pack_bool(x > 0), nonzero, x.numel())
 
+    def has_zeros(self, enc: Encoded) -> bool:
+        """The flag byte of a payload whose size :meth:`check` accepted: whether a nonzero plane follows.
+
+        :class:`CodecError` when the flag does not match the size (a flag other than 0 or 1 included).
+        """
+        flag = int(enc.data[0])
+        if flag != int(enc.nbytes > 1 + bp.nbytes_for(enc.numel)):
+            raise CodecError(f"tern payload of {enc.nbytes} bytes for {enc.numel} elements has flag {flag}")
+        return bool(flag)
+
     def decode(self, enc: Encoded, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         self.check(enc)
         width = bp.nbytes_for(enc.numel)
-        flag = int(enc.data[0])
-        if flag != int(enc.nbytes > 1 + width):
-            raise CodecError(f"tern payload of {enc.nbytes} bytes for {enc.numel} elements has flag {flag}")
+        flag = self.has_zeros(enc)
         sign = enc.data[1 : 1 + width]
         if not bp.padding_is_zero(sign, enc.numel):
             raise CodecError("tern sign plane has nonzero padding bits")
@@ -352,14 +361,19 @@ class CountsCodec(Codec):
         total = (1 << self.bits) - 1
         return self.encode_counts(torch.round((x.double() + 1) * (total / 2)).to(torch.int64), total)
 
-    def decode_counts(self, enc: Encoded) -> tuple[torch.Tensor, int]:
-        """The ``int64`` counts and the total weight ``W``."""
-        self.check(enc)
+    def total_weight(self, enc: Encoded) -> int:
+        """The header ``W`` of a payload whose size :meth:`check` accepted; :class:`CodecError` if out of range."""
         total = int(_read_header(enc.data, "<I"))
         if not 1 <= total < 1 << self.bits:
             raise CodecError(
                 f"{self.name} payload has total weight {total} outside [1, {(1 << self.bits) - 1}]"
             )
+        return total
+
+    def decode_counts(self, enc: Encoded) -> tuple[torch.Tensor, int]:
+        """The ``int64`` counts and the total weight ``W``."""
+        self.check(enc)
+        total = self.total_weight(enc)
         counts = bp.unpack_planes(enc.data[4:], enc.numel, self.bits)
         if enc.numel and int(counts.max()) > total:
             raise CodecError(f"{self.name} payload has a count above the total weight {total}")
@@ -410,3 +424,26 @@ def get_codec(name: str) -> Codec:
         except ValueError as err:
             raise CodecError(f"bad codec name {name!r}: {err}; known: {known}") from None
     raise CodecError(f"unknown codec name {name!r}; known: {known}")
+
+
+def check_packed_structure(enc: Encoded) -> None:
+    """O(1) checks of a sign1 / tern / counts payload whose size the codec already accepted.
+
+    Bit planes are ``ceil(numel / 8)`` bytes whose unused high bits of the last byte are zero; tern
+    has a flag byte saying whether its nonzero plane follows (:meth:`TernaryCodec.has_zeros`);
+    counts has a uint32 total ``1 <= W < 2**bits`` before its ``bits`` planes
+    (:meth:`CountsCodec.total_weight`). Raises :class:`CodecError`.
+    """
+    width = bp.nbytes_for(enc.numel)
+    if enc.codec == "sign1":
+        starts = [0]
+    elif enc.codec == "tern":
+        starts = [1, 1 + width] if TernaryCodec().has_zeros(enc) else [1]
+    elif enc.codec.startswith("counts"):
+        counts = CountsCodec(int(enc.codec[len("counts") :]))
+        counts.total_weight(enc)
+        starts = [4 + j * width for j in range(counts.bits)]
+    else:
+        raise CodecError(f"{enc.codec!r} is not a packed sign codec")
+    if not all(bp.padding_is_zero(enc.data[start : start + width], enc.numel) for start in starts):
+        raise CodecError(f"{enc.codec} payload has nonzero padding bits")

@@ -20,8 +20,8 @@ import torch
 
 from .codec import Codec, CodecError, Encoded
 from .codecs import get_codec
-from .robust import ROBUST_REDUCTIONS, AgreementTracker, robust_mean, sign_agreement, trust_weights
-from .strategies import SyncStrategy
+from .robust import ROBUST_REDUCTIONS, AgreementTracker, robust_mean, sign_agreements, trust_weights
+from .strategies import LionCubStrategy, SyncStrategy, _check_weights
 from .vote import majority_vote
 
 __all__ = ["MeanReducer", "Reducer", "TrustedVoteReducer"]
@@ -110,9 +110,7 @@ class MeanReducer:
     def reduce(self, parts: Sequence[Encoded], weights: Sequence[int] | None = None) -> Encoded:
         if not parts:
             raise ValueError("nothing to reduce: no parts")
-        w = [1] * len(parts) if weights is None else [int(x) for x in weights]
-        if len(w) != len(parts) or any(x < 0 for x in w) or sum(w) == 0:
-            raise ValueError(f"need one weight >= 0 per part with a positive sum, got {w}")
+        w = _check_weights(weights, len(parts))
         numel = parts[0].numel
         if any(p.numel != numel for p in parts):
             raise ValueError(f"parts disagree on length: {[p.numel for p in parts]}")
@@ -184,10 +182,14 @@ class TrustedVoteReducer:
         if sum(w) == 0:  # nobody trusted (cannot happen with the owner's own vote): count everyone
             w = trust_weights(samples, [1.0] * len(senders), levels)
         majority = majority_vote(parts, w)
-        for sender, part in zip(senders, parts, strict=True):
-            if sender != self.owner_id:
-                self.tracker.observe(sender, sign_agreement(part, majority))
-        # The strategy's own reduction under the same weights (its tie rule included).
+        scored = [(s, p) for s, p in zip(senders, parts, strict=True) if s != self.owner_id]
+        agreements = sign_agreements([p for _, p in scored], majority)
+        for (sender, _), agreement in zip(scored, agreements, strict=True):
+            self.tracker.observe(sender, agreement)
+        # The strategy's own reduction under the same weights (its tie rule included): for mavo
+        # that is the majority just taken, so it is settled rather than voted a second time.
+        if isinstance(self.strategy, LionCubStrategy) and self.strategy.config.reduction == "mavo":
+            return self.strategy.settle_ties(majority, parts)
         return self.strategy.reduce(parts, w)
 
     def decode(self, result: Encoded) -> torch.Tensor:

@@ -6,8 +6,8 @@ Three pure building blocks a shard owner uses against a peer that sends garbage 
 * :func:`robust_mean` — the float syncs (momentum, parameter averaging): the plain weighted mean,
   a mean whose contributions are norm-clipped around the coordinate-wise median (``clipped``,
   "centered clipping"), or the coordinate-wise median. Non-finite contributions never get here:
-  :func:`finite_rows` drops them first.
-* :func:`sign_agreement` — the fraction of a voter's sign bits that match the group's majority,
+  :class:`~lioncub.optim.reducers.MeanReducer` drops them first.
+* :func:`sign_agreements` — the fraction of each voter's sign bits that match the group's majority,
   counted on packed bytes (popcount of XOR, masked by the majority's non-tie plane).
 * :class:`AgreementTracker` — an exponential moving average of each voter's agreement and the
   vote weight (trust in [0, 1]) that follows from it; a voter whose trust stays near 0 for
@@ -16,6 +16,7 @@ Three pure building blocks a shard owner uses against a peer that sends garbage 
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Iterable, Sequence
@@ -25,14 +26,15 @@ import torch
 
 from . import _bitpack as bp
 from .codec import CodecError, Encoded
+from .strategies import accumulate_mean
 
 __all__ = [
     "ROBUST_REDUCTIONS",
     "AgreementTracker",
     "TrustConfig",
-    "finite_rows",
     "robust_mean",
     "sign_agreement",
+    "sign_agreements",
     "trust_weights",
 ]
 
@@ -40,12 +42,18 @@ __all__ = [
 #: median; ``median``: coordinate-wise median (unweighted; mid-point of the middle two for even n).
 ROBUST_REDUCTIONS: tuple[str, ...] = ("mean", "clipped", "median")
 
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+@functools.lru_cache(maxsize=16)
+def _popcount_table(device: torch.device) -> torch.Tensor:
+    """Set bits of every byte value, as a ``uint8`` table on ``device`` (one copy per device)."""
+    return torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8, device=device)
 
 
-def finite_rows(values: Sequence[torch.Tensor]) -> list[int]:
-    """Indices of the vectors in ``values`` whose every element is finite."""
-    return [i for i, v in enumerate(values) if v.numel() == 0 or bool(torch.isfinite(v).all())]
+def _popcount(data: torch.Tensor) -> torch.Tensor:
+    """Set bits of the ``uint8`` rows of ``data`` (1-D: one row), summed per row as ``int64``."""
+    table = _popcount_table(data.device)
+    bits = table.index_select(0, data.reshape(-1).to(torch.int32)).view(data.shape)
+    return bits.sum(dim=-1, dtype=torch.int64)
 
 
 def _median(stacked: torch.Tensor) -> torch.Tensor:
@@ -68,7 +76,9 @@ def robust_mean(
     contribution then moves the result by at most τ·w_i/Σw, however large it is; with honest,
     similar contributions nothing is clipped and the result is close to the mean (equal to it for
     two contributions or when no norm exceeds τ and the median is the mean).
-    The caller drops non-finite vectors first (:func:`finite_rows`); a NaN here raises.
+    ``values`` must be finite: the caller drops non-finite vectors first (as
+    :class:`~lioncub.optim.reducers.MeanReducer` does when it decodes them); this does not check
+    them again.
     """
     if method not in ROBUST_REDUCTIONS:
         raise ValueError(f"unknown reduction {method!r}; choose one of {', '.join(ROBUST_REDUCTIONS)}")
@@ -79,15 +89,13 @@ def robust_mean(
     w = [1.0] * len(values) if weights is None else [float(x) for x in weights]
     if len(w) != len(values) or any(not (x >= 0 and math.isfinite(x)) for x in w) or sum(w) <= 0:
         raise ValueError(f"need one finite weight >= 0 per value with a positive sum, got {w}")
-    stacked = torch.stack([v.to(torch.float32).reshape(-1) for v in values])
-    if stacked.numel() and not bool(torch.isfinite(stacked).all()):
-        raise ValueError("robust_mean got a non-finite value; drop such contributions first")
+    numel = values[0].numel()
+    if any(v.numel() != numel for v in values):
+        raise ValueError(f"values disagree on length: {[v.numel() for v in values]}")
     if method == "mean":  # accumulated in order, exactly like strategies.weighted_mean
-        acc = torch.zeros_like(stacked[0])
-        for row, wi in zip(stacked, w, strict=True):
-            if wi:
-                acc.add_(row, alpha=wi)
-        return acc.div_(sum(w))
+        rows = ((v.to(torch.float32).reshape(-1), wi) for v, wi in zip(values, w, strict=True))
+        return accumulate_mean(rows, numel, values[0].device, sum(w))
+    stacked = torch.stack([v.to(torch.float32).reshape(-1) for v in values])
     wt = torch.tensor(w, dtype=torch.float32, device=stacked.device)
     center = _median(stacked)
     if method == "median":
@@ -99,12 +107,7 @@ def robust_mean(
     return center + (dev * (scale * wt)[:, None]).sum(dim=0).div_(wt.sum())
 
 
-def sign_agreement(vote: Encoded, majority: Encoded) -> float:
-    """Fraction of ``vote``'s sign bits (``sign1``) equal to ``majority``'s (``tern``), ties skipped.
-
-    Counted on packed bytes: popcount((vote XOR sign) AND nonzero) / popcount(nonzero). Returns 1.0
-    when every element of the majority is a tie (nothing to disagree with).
-    """
+def _check_agreement_pair(vote: Encoded, majority: Encoded) -> None:
     if vote.codec != "sign1" or majority.codec != "tern":
         raise CodecError(
             f"sign_agreement compares sign1 with tern, got {vote.codec!r} and {majority.codec!r}"
@@ -114,20 +117,43 @@ def sign_agreement(vote: Encoded, majority: Encoded) -> float:
     width = bp.nbytes_for(vote.numel)
     if vote.nbytes != width or majority.nbytes not in (1 + width, 1 + 2 * width):
         raise CodecError("payload sizes do not match their element count")
-    bits = vote.data.to(torch.int64)
-    sign = majority.data[1 : 1 + width].to(torch.int64)
+
+
+def sign_agreement(vote: Encoded, majority: Encoded) -> float:
+    """Fraction of ``vote``'s sign bits (``sign1``) equal to ``majority``'s (``tern``), ties skipped.
+
+    One voter's :func:`sign_agreements`.
+    """
+    return sign_agreements([vote], majority)[0]
+
+
+def sign_agreements(votes: Sequence[Encoded], majority: Encoded) -> list[float]:
+    """For each of ``votes`` (``sign1``), the fraction of its sign bits equal to ``majority``'s (``tern``).
+
+    Counted on packed bytes: popcount((vote XOR sign) AND nonzero) / popcount(nonzero), elements
+    where the majority tied skipped. Every voter scores 1.0 when every element of the majority is
+    a tie (nothing to disagree with). The majority's planes and its count are taken once for all
+    voters, and the counts come to the host in one transfer.
+    """
+    for vote in votes:
+        _check_agreement_pair(vote, majority)
+    if not votes:
+        return []
+    width = bp.nbytes_for(majority.numel)
+    numel = majority.numel
+    sign = majority.data[1 : 1 + width]
     if majority.nbytes == 1 + 2 * width:
-        nonzero = majority.data[1 + width :].to(torch.int64)
+        nonzero = majority.data[1 + width :]
     else:
-        nonzero = torch.full_like(bits, 0xFF)
-        if vote.numel % 8:
-            nonzero[-1] = (1 << vote.numel % 8) - 1
-    table = _POPCOUNT.to(bits.device)
-    counted = int(table[nonzero].sum())
+        nonzero = torch.full((width,), 0xFF, dtype=torch.uint8, device=majority.data.device)
+        if numel % 8:
+            nonzero[-1] = (1 << numel % 8) - 1
+    bits = torch.stack([vote.data for vote in votes])
+    differ = _popcount(bits.bitwise_xor_(sign).bitwise_and_(nonzero))
+    counted, *differs = torch.cat([_popcount(nonzero).reshape(1), differ]).tolist()
     if counted == 0:
-        return 1.0
-    differ = int(table[(bits ^ sign) & nonzero].sum())
-    return 1.0 - differ / counted
+        return [1.0] * len(votes)
+    return [1.0 - d / counted for d in differs]
 
 
 @dataclass(frozen=True)
@@ -175,7 +201,6 @@ class AgreementTracker:
     def __init__(self, config: TrustConfig | None = None) -> None:
         self.config = config or TrustConfig()
         self.scores: dict[str, float] = {}
-        self.observations: dict[str, int] = {}
         self._low_streak: dict[str, int] = {}
         self._evicted: set[str] = set()
 
@@ -193,7 +218,6 @@ class AgreementTracker:
         old = self.scores.get(peer_id)
         a = self.config.ema
         self.scores[peer_id] = agreement if old is None else a * old + (1.0 - a) * agreement
-        self.observations[peer_id] = self.observations.get(peer_id, 0) + 1
 
     def weights(self, peer_ids: Iterable[str]) -> dict[str, float]:
         """Trust in [0, 1] of each of ``peer_ids`` (judged against their median), multiples of 1/levels.

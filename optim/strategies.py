@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -144,13 +144,30 @@ def weighted_mean(codec: Codec, parts: Sequence[Encoded], weights: Sequence[int]
         raise ValueError("nothing to reduce: no parts")
     w = _check_weights(weights, len(parts))
     numel = parts[0].numel
-    acc = torch.zeros(numel, dtype=torch.float32, device=parts[0].data.device)
-    for part, wi in zip(parts, w, strict=True):
-        if part.numel != numel:
-            raise ValueError(f"parts disagree on length: {part.numel} != {numel}")
+
+    def terms() -> Iterator[tuple[torch.Tensor, float]]:
+        for part, wi in zip(parts, w, strict=True):
+            if part.numel != numel:
+                raise ValueError(f"parts disagree on length: {part.numel} != {numel}")
+            if wi:  # a part of weight 0 is never decoded
+                yield codec.decode(part, torch.float32), float(wi)
+
+    return accumulate_mean(terms(), numel, parts[0].data.device, float(sum(w)))
+
+
+def accumulate_mean(
+    terms: Iterable[tuple[torch.Tensor, float]], numel: int, device: torch.device, total: float
+) -> torch.Tensor:
+    """Σ w_i·v_i / ``total`` in float32, added in the order of ``terms`` (so results are reproducible).
+
+    The one accumulation loop of every weighted float mean (:func:`weighted_mean`, the ``mean``
+    reduction of :func:`lioncub.optim.robust.robust_mean`); terms of weight 0 are skipped.
+    """
+    acc = torch.zeros(numel, dtype=torch.float32, device=device)
+    for values, wi in terms:
         if wi:
-            acc.add_(codec.decode(part, torch.float32), alpha=float(wi))
-    return acc.div_(float(sum(w)))
+            acc.add_(values, alpha=wi)
+    return acc.div_(total)
 
 
 def _check_weights(weights: Sequence[int] | None, n: int) -> list[int]:
@@ -208,18 +225,28 @@ class SyncStrategy(ABC):
 
 
 def _seed_of(parts: Sequence[Encoded]) -> int:
-    """A seed that depends on the votes themselves (so it changes every round, and replays)."""
+    """A seed that depends on the votes themselves (so it changes every round, and replays).
+
+    Hashes, per part in order, its element count and its first 64 payload bytes; the byte slices
+    are gathered into one tensor and copied to the host once.
+    """
+    heads = [part.data[:64] for part in parts]
+    raw = torch.cat(heads).cpu().numpy().tobytes() if heads else b""
     h = hashlib.blake2b(digest_size=8)
-    for part in parts:
+    offset = 0
+    for part, head in zip(parts, heads, strict=True):
+        size = head.numel()
         h.update(part.numel.to_bytes(8, "little"))
-        h.update(part.data[:64].cpu().numpy().tobytes())
+        h.update(raw[offset : offset + size])
+        offset += size
     return int.from_bytes(h.digest(), "little") >> 1
 
 
 class _SignStepStrategy(SyncStrategy):
     """Shared apply step of the Lion-family strategies: a sign-like step plus momentum update."""
 
-    def _settle_ties(self, result: Encoded, parts: Sequence[Encoded]) -> Encoded:
+    def settle_ties(self, result: Encoded, parts: Sequence[Encoded]) -> Encoded:
+        """A vote result under the tie rule: ``tern`` as is, or ties broken by a vote-seeded coin."""
         if self.config.ties == "random" and result.codec == "tern":
             return break_ties(result, _seed_of(parts))
         return result
@@ -263,7 +290,7 @@ class LionCubStrategy(_SignStepStrategy):
 
     def reduce(self, parts: Sequence[Encoded], weights: Sequence[int] | None = None) -> Encoded:
         if self.config.reduction == "mavo":
-            return self._settle_ties(majority_vote(parts, weights), parts)
+            return self.settle_ties(majority_vote(parts, weights), parts)
         return vote_counts(parts, weights)
 
     def decode(self, result: Encoded) -> torch.Tensor:
@@ -290,7 +317,7 @@ class LionCubL1Strategy(_SignStepStrategy):
         return 1.0
 
     def reduce(self, parts: Sequence[Encoded], weights: Sequence[int] | None = None) -> Encoded:
-        return self._settle_ties(pbit_sum_sign(parts, weights), parts)
+        return self.settle_ties(pbit_sum_sign(parts, weights), parts)
 
     def decode(self, result: Encoded) -> torch.Tensor:
         update = self._decode_sign(result)

@@ -99,6 +99,8 @@ class SimConfig:
     defences: Defences = field(default_factory=Defences)
 
     def __post_init__(self) -> None:
+        if self.peers < 1:
+            raise ValueError(f"peers must be >= 1, got {self.peers}")
         for index, mode in self.adversaries.items():
             if not 0 <= index < self.peers:
                 raise ValueError(f"adversary index {index} is not a peer (0..{self.peers - 1})")
@@ -108,8 +110,6 @@ class SimConfig:
                 )
         if len(self.adversaries) >= self.peers:
             raise ValueError("at least one peer must be honest")
-        if self.peers < 1:
-            raise ValueError(f"peers must be >= 1, got {self.peers}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.inner not in ("lion", "adamw"):
@@ -187,7 +187,8 @@ class _Peer:
     last_loss: float = float("nan")
     adversary: Adversary | None = None
     tracker: AgreementTracker | None = None
-    sent: dict[str, torch.Tensor] = field(default_factory=dict)  # last vector sent, per exchange
+    #: ``stale-replay`` only: the vector it sent last, per exchange (replayed as last round's).
+    sent: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -207,14 +208,13 @@ def _groups(n: int, group_size: int, seed: int, rnd: int) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class _Exchange:
-    """One exchange of one group: its name, envelope and reducers."""
+    """One exchange of one group: its name, envelope and reducer."""
 
     name: str
     round: int
     group: str
     reducer: Reducer
     defences: Defences
-    strategy: SyncStrategy | None = None  # set for the update: owners may score the votes
 
 
 def _unique(ids: list[str]) -> list[str]:
@@ -230,17 +230,15 @@ def _unique(ids: list[str]) -> list[str]:
 def _owner_result(
     ex: _Exchange, owner: _Peer, senders: list[str], parts: list[Encoded], weights: list[int]
 ) -> Encoded:
-    """The owner's reduction of what it counted (trust-weighted for sign votes when enabled)."""
-    trusted = (
-        ex.strategy is not None
-        and owner.tracker is not None
-        and ex.defences.trust is not None
-        and ex.strategy.uplink.name == "sign1"
-    )
-    if trusted:
-        assert ex.strategy is not None and owner.tracker is not None
-        return TrustedVoteReducer(ex.strategy, owner.tracker, owner.id).reduce_from(senders, parts, weights)
-    return ex.reducer.reduce(parts, weights)
+    """The owner's reduction of what it counted (trust-weighted for sign votes when enabled).
+
+    Owners have a tracker exactly when ``defences.trust`` is set; only a strategy's sign votes
+    (the update exchange) are scored.
+    """
+    reducer = ex.reducer
+    if owner.tracker is not None and isinstance(reducer, SyncStrategy) and reducer.uplink.name == "sign1":
+        return TrustedVoteReducer(reducer, owner.tracker, owner.id).reduce_from(senders, parts, weights)
+    return reducer.reduce(parts, weights)
 
 
 def _exchange(
@@ -267,7 +265,7 @@ def _exchange(
         envelopes: list[Envelope] = []
         for m, p in enumerate(members):  # forgeries first: the worst case for the first-come rule
             if p.adversary is not None and p.adversary.forges:
-                prev = p.sent.get(ex.name)
+                prev = p.sent.get(ex.name)  # kept for stale-replay only
                 old = None if prev is None else encoders[m].encode(prev[lo:hi])
                 envelopes += forged_envelopes(p.adversary, p.id, ids, ex.round, ex.group, parts[m], old)
         envelopes += [Envelope(p.id, p.id, ex.round, ex.group, parts[m]) for m, p in enumerate(members)]
@@ -298,7 +296,7 @@ def _exchange(
                 peer.bytes_sent += parts[m].nbytes
                 peer.bytes_received += nbytes
     for p, v in zip(members, sent, strict=True):
-        if p.adversary is not None:
+        if p.adversary is not None and p.adversary.mode == "stale-replay":
             p.sent[ex.name] = v
     return outs
 
@@ -374,7 +372,7 @@ def simulate(
         for k, group in enumerate(groups):
             members = [peers[i] for i in group]
             vecs = [strategy.prepare(peers[i].state, deltas[i]) for i in group]
-            ex = _Exchange("update", rnd, f"r{rnd}g{k}", strategy, cfg.defences, strategy)
+            ex = _Exchange("update", rnd, f"r{rnd}g{k}", strategy, cfg.defences)
             updates = _exchange(ex, members, vecs, [weight] * len(group))
             for i, update in zip(group, updates, strict=True):
                 strategy.apply(peers[i].state, update, deltas[i])

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from lioncub.optim.codec import Codec, Encoded
-from lioncub.optim.codecs import get_codec
+from lioncub.optim.codec import Codec, CodecError, Encoded
+from lioncub.optim.codecs import check_packed_structure, get_codec
 
 from . import lioncub_pb2 as pb
 from .errors import (
@@ -56,7 +56,7 @@ _MAX_JSON_DEPTH = 32
 #: Codec families whose payload holds only integers (sign bits, ternary planes, vote counts):
 #: nothing to check for NaN/Inf, and decoding them at wire speed would cost more than receiving
 #: them, so only their O(1) structure is checked here (flag byte, count header, zero padding bits:
-#: :func:`_check_packed_structure`) and the rest is left to the consumer's decoder / vote. Every
+#: :func:`~lioncub.optim.codecs.check_packed_structure`) and the rest is left to the consumer's decoder / vote. Every
 #: other codec (fp16, int8 blockwise, p-bit: they carry floats or float scales) is decoded once.
 _INTEGER_ONLY_CODECS = ("sign1", "tern", "counts")
 
@@ -160,7 +160,10 @@ def check_finite(enc: Encoded, codec: Codec) -> None:
     the whole reduction: one member could spoil a shard for everyone).
     """
     if enc.codec.startswith(_INTEGER_ONLY_CODECS):
-        _check_packed_structure(enc)
+        try:
+            check_packed_structure(enc)
+        except CodecError as exc:
+            raise InvalidPayload(str(exc)) from exc
         return
     try:
         values = codec.decode(enc, dtype=torch.float32)
@@ -170,35 +173,6 @@ def check_finite(enc: Encoded, codec: Codec) -> None:
     if not bool(finite.all()):
         bad = int((~finite).sum())
         raise NonFinitePayload(f"{enc.codec} payload has {bad} NaN/Inf value(s) out of {enc.numel}")
-
-
-def _check_packed_structure(enc: Encoded) -> None:
-    """O(1) checks of a sign1 / tern / counts payload whose size the codec already accepted.
-
-    Bit planes are ``ceil(numel / 8)`` bytes whose unused high bits of the last byte are zero (see
-    :mod:`lioncub.optim.codecs`); tern has a flag byte saying whether its nonzero plane follows;
-    counts has a uint32 total ``1 <= W < 2**bits`` before its ``bits`` planes.
-    """
-    data, numel = enc.data, enc.numel
-    width = -(-numel // 8)
-    if enc.codec == "sign1":
-        starts = [0]
-    elif enc.codec == "tern":
-        flag = int(data[0])
-        if flag != int(enc.nbytes > 1 + width):
-            raise InvalidPayload(f"tern payload of {enc.nbytes} bytes for {numel} elements has flag {flag}")
-        starts = [1, 1 + width] if flag else [1]
-    else:  # countsN: validated name, so N is 1..32
-        bits = int(enc.codec[len("counts") :])
-        total = int.from_bytes(bytes(data[:4].tolist()), "little")
-        if not 1 <= total < 1 << bits:
-            raise InvalidPayload(
-                f"{enc.codec} payload has total weight {total} outside [1, {(1 << bits) - 1}]"
-            )
-        starts = [4 + j * width for j in range(bits)]
-    used = numel % 8
-    if used and any(int(data[start + width - 1]) >> used for start in starts):
-        raise InvalidPayload(f"{enc.codec} payload has nonzero padding bits")
 
 
 def parse_config_json(text: str) -> dict[str, Any]:
