@@ -76,11 +76,6 @@ def _flip(rng: random.Random, raw: bytes, flips: int = 3) -> bytes:
     return bytes(data)
 
 
-def _other(rng: random.Random, value: object, options: list[object]) -> object:
-    choices = [o for o in options if o != value]
-    return rng.choice(choices)
-
-
 # --- shared variants: bytes-level ----------------------------------------------------------------
 
 
@@ -182,7 +177,7 @@ def _ser(chunks: list[pb.Chunk]) -> tuple[bytes, ...]:
 
 def _push(rng: random.Random, peer: FuzzPeer, category: str) -> Case:
     c = peer.captured
-    member, signer = rng.choice([(peer.m1, peer.m1), (peer.m2, peer.m2)])
+    member = signer = rng.choice([peer.m1, peer.m2])
     base = _copy(c.update1[member.peer_id])
     m = "PushShard"
     if category == "malformed":
@@ -282,16 +277,20 @@ def _push(rng: random.Random, peer: FuzzPeer, category: str) -> Case:
         )
         i = len(base) - 1 if variant == "later-chunk" else 0
         sig = base[i].signature
+        other = peer.m2 if member is peer.m1 else peer.m1
+        # Every entry is evaluated (and draws from rng), whatever the variant: keeps the seeded stream.
         base[i].signature = {
             "random": rng.randbytes(64),
             "flipped": _flip(rng, sig, 1),
             "short": sig[: rng.randrange(64)],
-            "other-member-key": (peer.m2 if member is peer.m1 else peer.m1).sign(b"x"),
+            "other-member-key": other.sign(b"x"),
             "outsider-key": peer.outsider.sign(b"x"),
             "later-chunk": rng.randbytes(64),
         }[variant]
-        if variant in ("other-member-key", "outsider-key"):
-            _resign(base[:1], peer.m2 if member is peer.m1 else peer.outsider)
+        if variant == "other-member-key":  # a valid signature, by the wrong key
+            _resign(base[:1], other)
+        elif variant == "outsider-key":
+            _resign(base[:1], peer.outsider)
         return Case(m, category, variant, _ser(base))
     if category == "wrong_run_or_group":
         field = rng.choice(["run_id", "group_id", "exchange", "shard_index", "purpose"])

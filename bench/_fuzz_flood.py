@@ -106,82 +106,97 @@ def run_flood(
             hub.open_slot(plan, ex, 0, reducer, own[ex], 1)
         return server, hub, plan
 
-    server, hub, plan = loop.run(start())
-    channel = grpc.insecure_channel(server.endpoint, options=grpc_message_options())
-    push = channel.stream_unary(SERVICE + "PushShard")
     release = threading.Event()
-    chunks = {
-        key: [c.SerializeToString() for c in chunk_payload(plan.key(pb.PURPOSE_PUSH, key[1], 0), enc, m, chunk_bytes=chunk_bytes)]
-        for m in mems
-        for key, enc in theirs.items()
-        if key[0] == m.peer_id
-    }  # fmt: skip
-
-    def stalled(raws: list[bytes]) -> Iterator[bytes]:
-        yield raws[0]
-        release.wait()  # never sends the rest: the server must cut the stream off
-
-    def trickle(raws: list[bytes]) -> Iterator[bytes]:
-        for raw in raws:
-            yield raw
-            if release.wait(chunk_timeout_s / 2):  # pacing the attack, not synchronisation
-                return
-
-    outsider_chunk = pb.Chunk(header=pb.Chunk.FromString(chunks[(mems[0].peer_id, "update")][0]).header)
-    outsider_chunk.header.sender_id = outsider.peer_id
-    outsider_chunk.data = bytes(1 << 20)
-    sign_chunk(outsider_chunk, outsider)
-    flood: list[tuple[str, grpc.Future]] = []
-    process = psutil.Process()
-    rss_before = process.memory_info().rss
-    rss_peak = rss_before
-    timeout = 10 * chunk_timeout_s + 30
-    for i, raws in enumerate(chunks.values()):
-        kind, it = ("stalled", stalled(raws)) if i % 2 == 0 else ("trickle", trickle(raws))
-        flood.append((kind, push.future(it, timeout=timeout)))
-    for _ in range(oversized):
-        flood.append(("oversized", push.future(iter([bytes(MAX_MESSAGE_BYTES + 1)]), timeout=timeout)))
-    for _ in range(outsiders):
-        flood.append(("outsider", push.future(iter([outsider_chunk.SerializeToString()]), timeout=timeout)))
-    pending = [f for _, f in flood]
-    while not all(f.done() for f in pending):  # sampling RSS while the flood runs
-        rss_peak = max(rss_peak, process.memory_info().rss)
-        threading.Event().wait(0.02)
-    release.set()
-    statuses: dict[str, dict[str, int]] = {}
-    for kind, future in flood:
-        code = _status(future)
-        statuses.setdefault(kind, {}).setdefault(code, 0)
-        statuses[kind][code] += 1
-    peak_during_flood = hub.peak_buffered_bytes
-    buffered_after_flood = hub.buffered_bytes
-
-    # The same members' legit pushes, all at once, then the reduced results.
-    with ThreadPoolExecutor(max_workers=2 * members) as pool:
-        legit = list(pool.map(lambda raws: _status(push.future(iter(raws), timeout=60)), chunks.values()))
-    exact = {ex: False for ex in EXCHANGES}
-    for ex in EXCHANGES if all(code == "OK" for code in legit) else ():
-        request = pb.PullResultRequest(
-            protocol_version=PROTOCOL_VERSION, run_id=RUN, round=ROUND, group_id=plan.group_id, exchange=ex,
-            shard_index=0, requester_id=mems[0].peer_id, wait_ms=30_000,
-        )  # fmt: skip
-        sign_message(request, mems[0])
-        got = b"".join(
-            pb.Chunk.FromString(r).data
-            for r in channel.unary_stream(SERVICE + "PullResult")(request.SerializeToString(), timeout=60)
-        )
-        parts = {owner.peer_id: own[ex], **{m.peer_id: theirs[(m.peer_id, ex)] for m in mems}}
-        want = reducer.reduce([parts[p] for p in plan.members], [1] * len(plan.members))
-        exact[ex] = got == want.to_bytes()
-    rss_after = process.memory_info().rss
-    channel.close()
 
     async def stop() -> None:
         await server.stop(None)
         await hub.close()
 
-    loop.run(stop())
-    loop.close()
+    try:
+        server, hub, plan = loop.run(start())
+        channel = grpc.insecure_channel(server.endpoint, options=grpc_message_options())
+        try:
+            push = channel.stream_unary(SERVICE + "PushShard")
+            chunks = {
+                key: [c.SerializeToString() for c in chunk_payload(plan.key(pb.PURPOSE_PUSH, key[1], 0), enc, m, chunk_bytes=chunk_bytes)]
+                for m in mems
+                for key, enc in theirs.items()
+                if key[0] == m.peer_id
+            }  # fmt: skip
+
+            def stalled(raws: list[bytes]) -> Iterator[bytes]:
+                yield raws[0]
+                release.wait()  # never sends the rest: the server must cut the stream off
+
+            def trickle(raws: list[bytes]) -> Iterator[bytes]:
+                for raw in raws:
+                    yield raw
+                    if release.wait(chunk_timeout_s / 2):  # pacing the attack, not synchronisation
+                        return
+
+            outsider_chunk = pb.Chunk(
+                header=pb.Chunk.FromString(chunks[(mems[0].peer_id, "update")][0]).header
+            )
+            outsider_chunk.header.sender_id = outsider.peer_id
+            outsider_chunk.data = bytes(1 << 20)
+            sign_chunk(outsider_chunk, outsider)
+            flood: list[tuple[str, grpc.Future]] = []
+            process = psutil.Process()
+            rss_before = process.memory_info().rss
+            rss_peak = rss_before
+            timeout = 10 * chunk_timeout_s + 30
+            for i, raws in enumerate(chunks.values()):
+                kind, it = ("stalled", stalled(raws)) if i % 2 == 0 else ("trickle", trickle(raws))
+                flood.append((kind, push.future(it, timeout=timeout)))
+            for _ in range(oversized):
+                flood.append(
+                    ("oversized", push.future(iter([bytes(MAX_MESSAGE_BYTES + 1)]), timeout=timeout))
+                )
+            for _ in range(outsiders):
+                flood.append(
+                    ("outsider", push.future(iter([outsider_chunk.SerializeToString()]), timeout=timeout))
+                )
+            pending = [f for _, f in flood]
+            while not all(f.done() for f in pending):  # sampling RSS while the flood runs
+                rss_peak = max(rss_peak, process.memory_info().rss)
+                threading.Event().wait(0.02)
+            release.set()
+            statuses: dict[str, dict[str, int]] = {}
+            for kind, future in flood:
+                code = _status(future)
+                statuses.setdefault(kind, {}).setdefault(code, 0)
+                statuses[kind][code] += 1
+            peak_during_flood = hub.peak_buffered_bytes
+            buffered_after_flood = hub.buffered_bytes
+
+            # The same members' legit pushes, all at once, then the reduced results.
+            with ThreadPoolExecutor(max_workers=2 * members) as pool:
+                legit = list(
+                    pool.map(lambda raws: _status(push.future(iter(raws), timeout=60)), chunks.values())
+                )
+            exact = {ex: False for ex in EXCHANGES}
+            for ex in EXCHANGES if all(code == "OK" for code in legit) else ():
+                request = pb.PullResultRequest(
+                    protocol_version=PROTOCOL_VERSION, run_id=RUN, round=ROUND, group_id=plan.group_id, exchange=ex,
+                    shard_index=0, requester_id=mems[0].peer_id, wait_ms=30_000,
+                )  # fmt: skip
+                sign_message(request, mems[0])
+                got = b"".join(
+                    pb.Chunk.FromString(r).data
+                    for r in channel.unary_stream(SERVICE + "PullResult")(
+                        request.SerializeToString(), timeout=60
+                    )
+                )
+                parts = {owner.peer_id: own[ex], **{m.peer_id: theirs[(m.peer_id, ex)] for m in mems}}
+                want = reducer.reduce([parts[p] for p in plan.members], [1] * len(plan.members))
+                exact[ex] = got == want.to_bytes()
+            rss_after = process.memory_info().rss
+        finally:
+            release.set()  # no stalled stream left waiting
+            channel.close()
+            loop.run(stop())
+    finally:
+        loop.close()
     payload = (numel + 7) // 8
     bound = (unverified_mib << 20) + max(budget_mib << 20, payload)
     flood_refused = all(code in _REFUSED for per in statuses.values() for code in per)

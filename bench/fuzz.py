@@ -142,16 +142,10 @@ def run_campaign(
     *,
     corpus: Path | None = None,
     seed_corpus: bool = False,
-    peer: FuzzPeer | None = None,
 ) -> dict[str, Any]:
     """Run the campaign (see the module docstring) and return its report as plain data."""
-    own_peer = peer is None
-    peer = peer or FuzzPeer.start(seed)
-    try:
+    with FuzzPeer.start(seed) as peer:
         return _campaign(peer, seed, count, budget_s, corpus, seed_corpus)
-    finally:
-        if own_peer:
-            peer.close()
 
 
 def _campaign(

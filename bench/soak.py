@@ -38,11 +38,8 @@ import argparse
 import contextlib
 import itertools
 import json
-import os
-import platform
 import queue
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -57,13 +54,13 @@ if __package__ in (None, ""):  # run as a script: make `bench.*` importable from
 
 import psutil
 
+from bench.swarm import _machine
+from bench.swarm_run import _env, _wait_for_addr
+
 __all__ = ["ChurnEvent", "SoakConfig", "main", "run_soak", "schedule"]
 
 _REPO = Path(__file__).resolve().parents[1]
-_BIN = Path(sys.executable).parent
-_PEER_CLI = (
-    str(_BIN / "lioncub-peer") if (_BIN / "lioncub-peer").exists() else shutil.which("lioncub-peer") or ""
-)
+_PEER_CLI = [sys.executable, "-m", "lioncub.peer.cli"]  # lioncub-peer, as bench/swarm_run.py runs it
 _START_TIMEOUT_S = 180.0
 _EXIT_TIMEOUT_S = 60.0
 #: Quick failures: a dead peer costs a round a few seconds at most.
@@ -71,6 +68,11 @@ _FAST = ("rounds.matchmaking_timeout=3", "rounds.exchange_timeout=5")
 _ACTIONS = ("crash", "leave", "join", "flaky")
 
 Event = dict[str, Any]
+
+
+def _timed(seconds: float) -> tuple[str, ...]:
+    """Run settings for rounds of ``seconds`` of local steps (none for 0)."""
+    return (f"rounds.max_seconds={seconds:g}", "strategy.local_steps=100000") if seconds > 0 else ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,10 @@ class SoakConfig:
     max_live: int = 6
     seed: int = 0
     settings: tuple[str, ...] = _FAST
+
+    def run_settings(self) -> tuple[str, ...]:
+        """The run's ``--set`` items (for its first peer): those of ``round_seconds``, then ``settings``."""
+        return (*_timed(self.round_seconds), *self.settings)
 
 
 @dataclass(frozen=True)
@@ -111,12 +117,6 @@ def schedule(cfg: SoakConfig) -> list[ChurnEvent]:
 
 
 # ----------------------------------------------------------------------------------- processes
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not (k.startswith("LIONCUB_") and "__" in k)}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", NO_COLOR="1", COLUMNS="240")
-    return env
-
-
 def _kill_tree(pid: int) -> None:
     try:
         procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
@@ -161,30 +161,28 @@ class _Run:
 
     def start_bootstrap(self) -> None:
         addr_file = self.workdir / "bootstrap.addr"
-        argv = [_PEER_CLI, "dht", "--host", "127.0.0.1", "--identity", str(self.workdir / "bootstrap.id")]
+        argv = [*_PEER_CLI, "dht", "--host", "127.0.0.1", "--identity", str(self.workdir / "bootstrap.id")]
         log = open(self.workdir / "bootstrap.log", "w")  # noqa: SIM115 - closed in close()
         self._files.append(log)
         self.bootstrap = subprocess.Popen(
             [*argv, "--addr-file", str(addr_file)], stdout=log, stderr=log, env=_env(), text=True
         )
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while not (addr_file.exists() and addr_file.read_text().endswith("\n")):
-            if self.bootstrap.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the bootstrap node did not start; see {self.workdir / 'bootstrap.log'}")
-            time.sleep(0.1)
-        self.addr = addr_file.read_text().strip()
+        try:
+            self.addr = _wait_for_addr(addr_file, self.bootstrap, _START_TIMEOUT_S)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; see {self.workdir / 'bootstrap.log'}") from None
 
     def start_peer(
         self, index: int, *, first: bool, min_peers: int = 1, faults: tuple[str, ...] = ()
     ) -> _Peer:
         cfg, name = self.cfg, f"p{index}"
         summary = self.workdir / f"{name}.json"
-        argv = [_PEER_CLI, "join", "--dht", self.addr, "--max-rounds", str(cfg.rounds)]
+        argv = [*_PEER_CLI, "join", "--dht", self.addr, "--max-rounds", str(cfg.rounds)]
         argv += ["--data-shard", str(index), "--summary", str(summary), "--progress", "jsonl"]
         argv += ["--min-peers", str(min_peers), "--start-timeout", str(int(_START_TIMEOUT_S))]
         if first:
             argv += ["--task", cfg.task, "--run-id", f"soak-{self.label}", "--set", f"seed={cfg.seed}"]
-            for item in cfg.settings:
+            for item in cfg.run_settings():
                 argv += ["--set", item]
         if cfg.pace < 1:
             faults = (f"slow@factor={cfg.pace:g}", *faults)
@@ -487,11 +485,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _timed(seconds: float) -> tuple[str, ...]:
-    """Run settings for rounds of ``seconds`` of local steps (none for 0)."""
-    return (f"rounds.max_seconds={seconds:g}", "strategy.local_steps=100000") if seconds > 0 else ()
-
-
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")  # so that every run's processes are reaped
 
@@ -515,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         min_live=args.min_live,
         max_live=args.max_live,
         seed=args.seed,
-        settings=(*_FAST, *_timed(args.round_seconds), *args.set),
+        settings=(*_FAST, *args.set),
     )
     out = args.out or _REPO / "bench" / "out" / "soak"
     json_path = args.json or out / "soak.json"
@@ -529,14 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     clean, churned = runs["clean"]["final_loss_mean"], runs["churn"]["final_loss_mean"]
     doc = {
         "bench": "soak",
-        "config": {**cfg.__dict__, "settings": list(cfg.settings)},
+        "config": {**cfg.__dict__, "settings": list(cfg.run_settings())},
         "schedule": [e.__dict__ for e in churn],
         "final_loss_churn_over_clean": churned / clean if clean and churned else None,
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-        },
+        "machine": _machine(),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "bench_s": round(time.monotonic() - began, 1),
         "plot": str(plot_path),

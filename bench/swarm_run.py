@@ -28,6 +28,7 @@ from typing import IO, Any
 from bench.netem import NetemError, NetemSwarm
 from bench.profiles import Profile
 from bench.swarm_metrics import RoundPoint, swarm_curve, time_to_target
+from lioncub.peer.cli import STRATEGY_DEFAULTS
 
 __all__ = ["VARIANTS", "BenchConfig", "StrategyRun", "Variant", "run_strategy"]
 
@@ -158,7 +159,7 @@ class BenchConfig:
     stop_grace_s: float = 45.0
     extra_sets: tuple[str, ...] = ()
     val_every: int = 0
-    lioncub_outer_lr: float = 8e-3
+    lioncub_outer_lr: float = float(STRATEGY_DEFAULTS["lioncub"]["outer_lr"])
 
     def checkpoint_every(self, variant: Variant) -> int:
         """Rounds between peer 0's checkpoints (equal samples for every strategy); 0 = none."""
@@ -252,19 +253,14 @@ def _peer_argv(variant: Variant, cfg: BenchConfig, i: int, addr: str, host: str,
 
 def _code_version() -> str:
     """``git describe``-like id of the checkout the peers import (``+dirty`` with local changes)."""
+
+    def _git(*args: str) -> str:
+        argv = ["git", "-C", str(_REPO), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "-C", str(_REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(_REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        head = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return (head or "unknown") + ("+dirty" if dirty else "")

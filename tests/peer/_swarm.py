@@ -42,6 +42,7 @@ __all__ = [
     "Swarm",
     "descendants",
     "live",
+    "stop_all",
 ]
 
 Event = dict[str, Any]
@@ -80,6 +81,13 @@ def _env() -> dict[str, str]:
     for key in [k for k in env if k.startswith("LIONCUB_") and "__" in k]:
         del env[key]  # run settings come from the test's flags only
     return env
+
+
+def stop_all(peers: Sequence[PeerProc], timeout: float) -> list[dict[str, Any]]:
+    """SIGTERM every peer, then require a clean exit (code 0) of each and return their summaries."""
+    for p in peers:
+        p.signal(signal.SIGTERM)
+    return [p.exit_ok(timeout) for p in peers]
 
 
 def live(pid: int) -> bool:
@@ -506,20 +514,6 @@ class Swarm:
             for i in range(1, launch.n)
         ]
         return [launch.first, *rest]
-
-    def kill_at_round(self, peer: PeerProc, round: int, timeout: float, tree: bool = False) -> Event:
-        """SIGKILL ``peer`` once its jsonl stream reports round ``round`` (synchronised on the event).
-
-        With ``tree`` its DHT process and ``p2pd`` are killed too (a machine that dies, not a crash
-        of the peer process alone). Returns the round event it was killed after.
-        """
-        event = peer.wait_round(round, timeout)
-        if tree:
-            _kill_tree(peer.pid)
-        else:
-            peer.proc.send_signal(signal.SIGKILL)
-        assert peer.wait_exit(10, drain=0) == -signal.SIGKILL
-        return event
 
     def kill_tree(self, peer: PeerProc) -> None:
         """SIGKILL ``peer`` and every descendant (its DHT process, ``p2pd``); wait for it to exit."""

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from lioncub.peer.checkpoint import CheckpointStore
+from lioncub.peer.cli import main
 from lioncub.peer.faults import Fault, FaultError, FaultInjector, parse_fault
-from tests.peer._swarm import PEER_CLI
 
 
 @pytest.mark.parametrize(
@@ -51,28 +51,17 @@ def test_bad_specs_say_what_is_accepted(spec: str, message: str) -> None:
         parse_fault(spec)
 
 
-def test_the_cli_refuses_a_bad_fault_before_starting() -> None:
-    out = subprocess.run(
-        [PEER_CLI, "join", "--fault", "kill@round=soon", "--check-config"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert out.returncode == 2, out
-    assert "--fault" in out.stdout + out.stderr
+def test_the_cli_refuses_a_bad_fault_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["join", "--fault", "kill@round=soon", "--check-config"]) == 2
+    out = capsys.readouterr()
+    assert "--fault" in out.out + out.err
 
 
-def test_the_cli_takes_faults_into_the_peer_settings() -> None:
-    out = subprocess.run(
-        [PEER_CLI, "join", "--fault", "kill@round=3", "--fault", "slow@factor=0.5", "--check-config"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert out.returncode == 0, out
-    assert "kill@round=3" in out.stdout and "slow@factor=0.5" in out.stdout
+def test_the_cli_takes_faults_into_the_peer_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["join", "--fault", "kill@round=3", "--fault", "slow@factor=0.5", "--check-config"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "kill@round=3" in out and "slow@factor=0.5" in out
 
 
 def test_slow_stretches_a_round_by_one_over_the_factor_from_its_round_on() -> None:

@@ -8,14 +8,13 @@ jsonl ``fault`` event; the harness only ever waits on events (never sleeps). Eve
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 
 import pytest
 
 from lioncub.peer.checkpoint import LATEST, CheckpointStore
-from tests.peer._swarm import FAST, START_TIMEOUT, PeerProc, Swarm
+from tests.peer._swarm import FAST, START_TIMEOUT, PeerProc, Swarm, stop_all
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -23,13 +22,6 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 ROUND_TIMEOUT = 240.0
 #: Bound on a graceful exit after SIGTERM (finish the round, deregister, stop the DHT).
 EXIT_TIMEOUT = 90.0
-
-
-def _stop_all(peers: list[PeerProc]) -> list[dict[str, object]]:
-    """SIGTERM every peer, then require a clean exit (code 0) and return their summaries."""
-    for p in peers:
-        p.signal(signal.SIGTERM)
-    return [p.exit_ok(EXIT_TIMEOUT) for p in peers]
 
 
 def _assert_trained(p: PeerProc, summary: dict[str, object]) -> None:
@@ -80,21 +72,16 @@ def test_partition_that_heals(tmp_path: Path) -> None:
         healed = cut_off.wait_fault(ROUND_TIMEOUT, phase="healed")
         t_heal = healed["_t"]
         during = {p.name: [e for e in p.rounds_after(t_cut) if e["_t"] < t_heal] for p in others}
-        # After the heal: the three group again (bounded wait on the isolated peer's events).
-        back = cut_off.wait_for(
-            lambda e: e["event"] == "round" and e["_t"] > t_heal and e["group_size"] == 3,
-            ROUND_TIMEOUT,
-            "a round with all three peers after the heal",
-        )
-        others_back = [
+        # After the heal: the three group again (bounded waits, the isolated peer's events first).
+        back, *others_back = [
             p.wait_for(
                 lambda e: e["event"] == "round" and e["_t"] > t_heal and e["group_size"] == 3,
                 ROUND_TIMEOUT,
                 "a round with all three peers after the heal",
             )
-            for p in others
+            for p in [cut_off, *others]
         ]
-        summaries = _stop_all(peers)
+        summaries = stop_all(peers, EXIT_TIMEOUT)
 
     alone = [e for e in cut_off.rounds_after(t_cut) if e["_t"] < t_heal]
     assert alone, "the cut-off peer did no round during the partition"
@@ -168,7 +155,7 @@ def test_peers_train_on_after_the_bootstrap_node_dies(tmp_path: Path) -> None:
         late.wait_for(
             lambda e: e["event"] == "round" and e["group_size"] == 4, ROUND_TIMEOUT, "a group of four"
         )
-        summaries = _stop_all([*peers, late])
+        summaries = stop_all([*peers, late], EXIT_TIMEOUT)
 
     for p, s in zip(peers, summaries[:3], strict=True):
         after = p.rounds_after(t_dead)
@@ -225,7 +212,7 @@ def test_a_crashed_peer_restarts_from_its_checkpoint(tmp_path: Path) -> None:
         again.wait_for(
             lambda e: e["event"] == "round" and e["group_size"] == 3, ROUND_TIMEOUT, "a group of three"
         )
-        summaries = _stop_all([peers[0], peers[1], again])
+        summaries = stop_all([peers[0], peers[1], again], EXIT_TIMEOUT)
 
     assert started["round"] == 6, f"resumed at round {started['round']}, not its checkpoint's"
     resumed = summaries[2]
@@ -252,7 +239,7 @@ def test_crash_inside_a_checkpoint_write_keeps_the_previous_one(tmp_path: Path) 
         again.wait_for(
             lambda e: e["event"] == "round" and e["group_size"] == 3, ROUND_TIMEOUT, "a group of three"
         )
-        summaries = _stop_all([peers[0], peers[1], again])
+        summaries = stop_all([peers[0], peers[1], again], EXIT_TIMEOUT)
 
     assert fault["round"] == 6 and Path(str(fault["final"])).name == "ckpt-00000006.pt"
     assert left_behind, "the crash left no temporary file: it did not die inside the write"

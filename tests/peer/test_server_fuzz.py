@@ -9,12 +9,10 @@ get past the first checks.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
@@ -22,6 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench._fuzz_peer import SERVICE, _Loop
 from lioncub.optim.strategies import StrategyConfig, make_strategy
 from lioncub.peer.exchange import ExchangeHub, HubConfig
 from lioncub.peer.groups import announce_group, deadline_ms_after, peer_info
@@ -45,10 +44,9 @@ pytestmark = pytest.mark.network
 
 RUN = "run-fuzz"
 NUMEL = 1000
-SERVICE = "/lioncub.v1.LioncubPeer/"
 UNARY_STREAM = ("JoinGroup", "PullResult", "DownloadState")
+LOOP_TIMEOUT_S = 30.0
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-T = TypeVar("T")
 
 
 class _Groups:
@@ -98,26 +96,9 @@ class Served:
         async def open_slot() -> None:
             self.hub.open_slot(plan, "update", 0, _REDUCER, _REDUCER.encode(torch.randn(NUMEL)), 1)
 
-        self.loop.run(open_slot())
+        self.loop.run(open_slot(), timeout=LOOP_TIMEOUT_S)
         self.plan = plan
         return plan
-
-
-class _Loop:
-    """An event loop running in a background thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-server", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
 
 
 _REDUCER = make_strategy(StrategyConfig())
@@ -136,7 +117,7 @@ def served() -> Iterator[Served]:
         server.exchange, server.groups, server.state = hub, _Groups(), _State(owner, info)
         return server, hub
 
-    server, hub = loop.run(start())
+    server, hub = loop.run(start(), timeout=LOOP_TIMEOUT_S)
     channel = grpc.insecure_channel(server.endpoint, options=grpc_message_options())
     served = Served(
         server.endpoint, owner, member, channel, hub, loop, peer_info(owner, endpoint=server.endpoint)
@@ -151,7 +132,7 @@ def served() -> Iterator[Served]:
             await server.stop(None)
             await hub.close()
 
-        loop.run(stop())
+        loop.run(stop(), timeout=LOOP_TIMEOUT_S)
         loop.close()
 
 

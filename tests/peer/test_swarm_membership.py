@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from lioncub.peer.checkpoint import CheckpointStore
-from tests.peer._swarm import FAST, START_TIMEOUT, Swarm, descendants, live
+from tests.peer._swarm import FAST, START_TIMEOUT, Swarm, descendants, live, stop_all
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -132,9 +132,7 @@ def test_a_peer_that_fell_behind_catches_up(tmp_path: Path) -> None:
             slow.proc.send_signal(signal.SIGCONT)
         reached = slow.wait_round(target, ROUND_TIMEOUT)
         behind = [e["round"] for e in slow.rounds() if stopped_at < e["round"] <= reached["round"]]
-        for p in peers:
-            p.signal(signal.SIGTERM)
-        summaries = [p.exit_ok(EXIT_TIMEOUT) for p in peers]
+        summaries = stop_all(peers, EXIT_TIMEOUT)
 
     # It was `lag` rounds behind: it should download the swarm's state instead of replaying them.
     assert len(behind) <= 3, (

@@ -112,9 +112,9 @@ def test_gossip_groups_of_two_and_averaging_keeps_anchors_together(tmp_path: Pat
             else:
                 assert averaged_after == []
         distance[label] = consensus_distance(_final_anchors(tmp_path / label, rounds))
-        digest = {p.peer_id: summaries[label][p.name]["anchor_sha256"] for p in peers[label]}
         if not avg:
             continue
+        digest = {p.peer_id: summaries[label][p.name]["anchor_sha256"] for p in peers[label]}
         # Every group that averaged in the last round left its members on one bit-identical anchor.
         finals = [p.rounds()[-1] for p in peers[label]]
         assert any(e["averaged"] for e in finals), "no group averaged in the last round"
