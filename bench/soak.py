@@ -161,6 +161,7 @@ class _Run:
 
     def start_bootstrap(self) -> None:
         addr_file = self.workdir / "bootstrap.addr"
+        addr_file.unlink(missing_ok=True)  # a reused work dir: never read the last run's address
         argv = [*_PEER_CLI, "dht", "--host", "127.0.0.1", "--identity", str(self.workdir / "bootstrap.id")]
         log = open(self.workdir / "bootstrap.log", "w")  # noqa: SIM115 - closed in close()
         self._files.append(log)
